@@ -1,0 +1,243 @@
+"""Experiment configuration: one YAML file per experiment, validated into typed objects.
+
+Command-line overrides use dotted ``key=value`` pairs (``optim.lr=0.01``); values are parsed as YAML
+scalars so ``true``, ``3`` and ``[30, 60]`` get their natural types. The resolved config is what a run
+saves, so a run directory always says exactly what produced it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Strict(BaseModel):
+    """Unknown keys are errors: a typo in a config must not silently fall back to a default."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class TeacherConfig(_Strict):
+    """Which frozen vision-language model to distill from."""
+
+    backend: Literal["open_clip", "hf"] = "open_clip"
+    name: str = "ViT-L-14"
+    pretrained: str | None = "openai"
+    checkpoint: Path | None = None
+    model_config_path: Path | None = Field(default=None, alias="model_config")
+    device: str = "auto"
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    batch_size: int = 256
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, protected_namespaces=())
+
+
+class StudentConfig(_Strict):
+    """The small image encoder; ``arch`` is a timm name or ``tv:<torchvision name>``."""
+
+    arch: str = "tv:resnet18"
+    pretrained: bool = False
+    image_size: int = 224
+    drop_path: float = 0.0
+    model_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class DataConfig(_Strict):
+    """A prepared dataset directory (see ``vlmdistill prepare``) and how images become tensors."""
+
+    dir: Path = Path("data")
+    base_size: int = 256
+    resize: Literal["squash", "center_crop"] = "center_crop"
+    augment_per: Literal["image", "batch"] = "image"
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    hflip: bool = True
+    randaugment: bool = False
+    eval_crop: float = 0.875
+    num_workers: int = 2
+    preload: bool = False
+    skip_bad_images: bool = False
+
+
+class TextConfig(_Strict):
+    """How class prompts are written; descriptions come from ``chatgpt.txt`` or a JSON file."""
+
+    template: str = "a photo of {name}"
+    description_template: str = "a photo of {name} . {description}"
+    use_descriptions: bool = False
+    descriptions: Path | None = None
+
+
+class LossTerm(_Strict):
+    weight: float = 0.0
+
+
+class MseTerm(LossTerm):
+    normalized: bool = True
+
+
+class ImCstTerm(LossTerm):
+    mode: Literal["single", "bidirectional"] = "bidirectional"
+
+
+class VlAlignTerm(LossTerm):
+    k: int = 256
+    filter: bool = True
+
+
+class KdTerm(LossTerm):
+    temperature: float = 1.0
+
+
+class LossConfig(_Strict):
+    """Weighted sum of named terms; a weight of 0 disables a term (it is not even computed)."""
+
+    temperature: float = 0.07
+    cls: LossTerm = Field(default_factory=lambda: LossTerm(weight=1.0))
+    mse: MseTerm = Field(default_factory=MseTerm)
+    imcst: ImCstTerm = Field(default_factory=ImCstTerm)
+    vlalign: VlAlignTerm = Field(default_factory=VlAlignTerm)
+    kd: KdTerm = Field(default_factory=KdTerm)
+    closed_set: bool = False
+
+
+class OptimConfig(_Strict):
+    """SGD + step schedule (paper ResNet) or AdamW + OneCycle (paper ViT)."""
+
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    schedule: Literal["step", "onecycle", "constant"] = "step"
+    milestones: tuple[float, ...] = (1 / 3, 2 / 3)
+    gamma: float = 0.1
+    epochs: int = 90
+    repeat_epochs: int = 1
+    batch_size: int = 128
+    eval_batch_size: int = 256
+    grad_clip: float | None = None
+
+
+class TrainConfig(_Strict):
+    """Loop settings that do not change the maths."""
+
+    amp: bool = True
+    eval_every: int = 1
+    average_last: int = 5
+    checkpoint_every: int = 1
+    log_every: int = 10
+    max_steps: int | None = None
+    progress: bool = True
+    teacher_view: Literal["same", "whole"] = "same"
+    target_views: int = 10
+
+
+PAPER_MODE: dict[str, dict[str, Any]] = {
+    "data": {"resize": "squash", "augment_per": "batch", "base_size": 256},
+    "train": {"teacher_view": "whole", "average_last": 5},
+    "loss": {"temperature": 0.07},
+}
+
+
+class ExperimentConfig(_Strict):
+    """One experiment. ``mode: paper`` reproduces the official code's data handling (see paper_spec §4)."""
+
+    name: str = "run"
+    seed: int = 0
+    mode: Literal["ours", "paper"] = "ours"
+    device: str = "auto"
+    output_dir: Path = Path("runs")
+    cache_dir: Path = Path(".cache/vlmdistill")
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    text: TextConfig = Field(default_factory=TextConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _paper_mode(cls, raw: Any) -> Any:
+        """``mode: paper`` sets the official code's data handling unless a key is given explicitly."""
+        if isinstance(raw, dict) and raw.get("mode") == "paper":
+            for section, values in PAPER_MODE.items():
+                given = raw.setdefault(section, {})
+                if isinstance(given, dict):
+                    for key, value in values.items():
+                        given.setdefault(key, value)
+        return raw
+
+    @model_validator(mode="after")
+    def _check(self) -> ExperimentConfig:
+        terms = [self.loss.cls, self.loss.mse, self.loss.imcst, self.loss.vlalign, self.loss.kd]
+        if not self.loss.closed_set and all(t.weight == 0 for t in terms):
+            raise ValueError("every loss weight is 0: enable at least one of loss.{cls,mse,imcst,vlalign,kd}")
+        if self.loss.vlalign.weight and self.loss.vlalign.k < 1:
+            raise ValueError("loss.vlalign.k must be >= 1")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return self.output_dir / self.name
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the file and the key."""
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Split ``a.b=value`` into its key path and YAML-parsed value."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.lr=0.01)")
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set each dotted key in a nested dict, creating intermediate mappings as needed."""
+    for item in overrides:
+        path, value = parse_override(item)
+        node = raw
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def load_config(path: Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read a YAML experiment file, apply ``key=value`` overrides and validate (paths stay relative to the cwd)."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError as err:
+            raise ConfigError(f"config file {path} does not exist") from err
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        cfg = ExperimentConfig.model_validate(raw)
+    except ValidationError as err:
+        where = path if path is not None else "<overrides>"
+        lines = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()]
+        raise ConfigError(f"invalid config {where}:\n  " + "\n  ".join(lines)) from err
+    return cfg
+
+
+def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
+    """A JSON/YAML-ready dict of the resolved config (paths as strings, aliases as written in files)."""
+    return cfg.model_dump(mode="json", by_alias=True)
+
+
+def save_config(cfg: ExperimentConfig, path: Path) -> None:
+    from vlmdistill.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

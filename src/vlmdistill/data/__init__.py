@@ -1,0 +1,1 @@
+"""Datasets, splits, image views and the demo world."""

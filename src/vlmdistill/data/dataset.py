@@ -1,0 +1,188 @@
+"""A prepared dataset: the paper's split layout plus its label and description files.
+
+Layout (what ``vlmdistill prepare`` writes, and what the paper's ``split_dataset.py`` produces)::
+
+    <root>/label2text.txt            classes (optional: folder names are used without it)
+    <root>/chatgpt.txt               one description per class (optional)
+    <root>/train_data.txt            one image a line: train/<class_dir>/<file>
+    <root>/val_on_train_data.txt     ID validation
+    <root>/val_data.txt              OOD validation
+    <root>/{train,val_on_train,val}/<class_dir>/<file>
+
+Without list files the split folders are scanned instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vlmdistill.text.labels import (
+    ClassInfo,
+    LabelFileError,
+    LabelSpace,
+    classes_from_folders,
+    read_descriptions,
+    read_label_file,
+)
+
+SPLITS = ("train", "val_on_train", "val")
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+class DatasetError(ValueError):
+    """A dataset folder that cannot be used; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One image: where it is, its class folder, and the stable key it is cached under."""
+
+    path: Path
+    class_dir: str
+    key: str
+
+
+@dataclass
+class Split:
+    name: str
+    records: list[Record]
+    space: LabelSpace
+    labels: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        index = self.space.index()
+        self.labels = [index[r.class_dir] for r in self.records]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
+@dataclass
+class Dataset:
+    """The three splits over one set of classes; ID classes are those of ``train``."""
+
+    root: Path
+    classes: list[ClassInfo]
+    train: Split
+    id_val: Split
+    ood_val: Split
+    missing: list[str] = field(default_factory=list)
+
+    @property
+    def id_space(self) -> LabelSpace:
+        return self.train.space
+
+    @property
+    def ood_space(self) -> LabelSpace:
+        return self.ood_val.space
+
+    def fingerprint_records(self) -> list[str]:
+        return [r.key for r in self.train.records]
+
+
+def _read_list(root: Path, split: str) -> list[tuple[str, str]] | None:
+    """(line, class_dir) pairs of a split's list file, or None if there is no list file."""
+    path = root / f"{split}_data.txt"
+    if not path.is_file():
+        return None
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        line = line.strip()
+        if not line:
+            continue
+        parts = line.split("/")
+        if len(parts) < 3:
+            raise DatasetError(f"{path}:{n}: expected '{split}/<class_dir>/<file>', got {line!r}")
+        out.append((line, parts[1]))
+    return out
+
+
+def _scan_split(root: Path, split: str) -> list[tuple[str, str]]:
+    split_dir = root / split
+    if not split_dir.is_dir():
+        return []
+    out = []
+    for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
+        files = sorted(
+            f for f in class_dir.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
+        )
+        if not files:
+            raise DatasetError(
+                f"class folder {class_dir} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
+                "add images or remove the folder"
+            )
+        out += [(f.relative_to(root).as_posix(), class_dir.name) for f in files]
+    return out
+
+
+def _load_classes(root: Path, found: set[str], descriptions: Path | None) -> list[ClassInfo]:
+    label_path = root / "label2text.txt"
+    if label_path.is_file():
+        classes = read_label_file(label_path)
+        unknown = sorted(found - {c.dir for c in classes})
+        if unknown:
+            raise DatasetError(
+                f"class folders {unknown[:5]} are not in {label_path}; add a line for each "
+                "('<class_dir> <id> <name>') or remove them from the split"
+            )
+    else:
+        classes = classes_from_folders(sorted(found))
+    desc = descriptions if descriptions is not None else root / "chatgpt.txt"
+    if descriptions is not None or desc.is_file():
+        classes = read_descriptions(desc, classes, label_path if label_path.is_file() else None)
+    return classes
+
+
+def open_dataset(root: Path, descriptions: Path | None = None, skip_missing: bool = False) -> Dataset:
+    """Read a prepared dataset; missing image files are an error unless ``skip_missing`` (then counted)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"dataset folder {root} does not exist; create it with `vlmdistill prepare`")
+    entries = {s: (_read_list(root, s) or _scan_split(root, s)) for s in SPLITS}
+    for split in ("train", "val"):
+        if not entries[split]:
+            raise DatasetError(
+                f"{root} has no '{split}' split ({split}_data.txt or a {split}/ folder); "
+                "run `vlmdistill prepare` to make one"
+            )
+    found = {c for items in entries.values() for _, c in items}
+    try:
+        classes = _load_classes(root, found, descriptions)
+    except LabelFileError as err:
+        raise DatasetError(str(err)) from err
+    missing: list[str] = []
+    records: dict[str, list[Record]] = {}
+    for split, items in entries.items():
+        keep = []
+        for line, class_dir in items:
+            path = root / line
+            if not path.exists():
+                missing.append(line)
+                continue
+            keep.append(Record(path=path, class_dir=class_dir, key=line))
+        records[split] = keep
+    if missing and not skip_missing:
+        raise DatasetError(
+            f"{len(missing)} images listed under {root} do not exist (first: {missing[0]}); "
+            "fix the list files or set data.skip_bad_images=true to skip them"
+        )
+    def space(split: str) -> LabelSpace:
+        present = {r.class_dir for r in records[split]} | {c for _, c in entries[split]}
+        return LabelSpace(tuple(c for c in classes if c.dir in present))
+
+    id_space, ood_space = space("train"), space("val")
+    overlap = set(id_space.dirs) & set(ood_space.dirs)
+    if overlap:
+        raise DatasetError(f"{root}: classes {sorted(overlap)[:5]} are in both train (ID) and val (OOD)")
+    stray = {r.class_dir for r in records["val_on_train"]} - set(id_space.dirs)
+    if stray:
+        raise DatasetError(f"{root}: val_on_train holds classes {sorted(stray)[:5]} that are not in train")
+    return Dataset(
+        root=root,
+        classes=classes,
+        train=Split("train", records["train"], id_space),
+        id_val=Split("val_on_train", records["val_on_train"], id_space),
+        ood_val=Split("val", records["val"], ood_space),
+        missing=missing,
+    )

@@ -1,0 +1,92 @@
+"""Base images of one split, decoded in DataLoader workers or held in memory, served in index batches.
+
+A bad image never stops a run silently: it raises ``BadImageError`` naming the file, or, with
+``skip_bad``, is dropped from its batch and remembered so results.json can count it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
+
+from vlmdistill.data.dataset import Record
+from vlmdistill.images import BadImageError, ResizeMode, load_image
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor
+    index: torch.Tensor
+
+
+class _Decoded(TorchDataset):
+    def __init__(self, records: list[Record], base_size: int, resize: ResizeMode, skip_bad: bool) -> None:
+        self.records, self.base_size, self.resize, self.skip_bad = records, base_size, resize, skip_bad
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, bool]:
+        try:
+            return load_image(self.records[i].path, self.base_size, self.resize), i, True
+        except BadImageError:
+            if not self.skip_bad:
+                raise
+            return torch.zeros(3, self.base_size, self.base_size, dtype=torch.uint8), i, False
+
+
+@dataclass
+class ImageSource:
+    """Serves ``Batch``es of base images for any order of indices."""
+
+    records: list[Record]
+    base_size: int
+    resize: ResizeMode
+    num_workers: int = 0
+    skip_bad: bool = False
+    preload: bool = False
+    bad: set[int] = field(default_factory=set)
+    _images: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        self._dataset = _Decoded(self.records, self.base_size, self.resize, self.skip_bad)
+        if self.preload:
+            chunks = list(self._stream(torch.arange(len(self.records)), 256, keep_bad=True))
+            self._images = torch.cat([c.images for c in chunks]) if chunks else None
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def bad_keys(self) -> list[str]:
+        return sorted(self.records[i].key for i in self.bad)
+
+    def _stream(self, order: torch.Tensor, batch_size: int, keep_bad: bool = False) -> Iterator[Batch]:
+        batches = [b.tolist() for b in order.split(batch_size)]
+        loader = DataLoader(
+            self._dataset,
+            batch_sampler=batches,
+            num_workers=self.num_workers,
+            persistent_workers=False,
+        )
+        for images, index, ok in loader:
+            self.bad.update(index[~ok].tolist())
+            if not keep_bad and not ok.all():
+                images, index = images[ok], index[ok]
+            if len(index):
+                yield Batch(images, index)
+
+    def batches(self, order: torch.Tensor, batch_size: int) -> Iterator[Batch]:
+        """Batches in the given index order; bad images are dropped (only with ``skip_bad``)."""
+        if self._images is None:
+            yield from self._stream(order, batch_size)
+            return
+        for chunk in order.split(batch_size):
+            if self.bad:
+                chunk = chunk[~torch.isin(chunk, torch.tensor(sorted(self.bad)))]
+            if len(chunk):
+                yield Batch(self._images[chunk], chunk)

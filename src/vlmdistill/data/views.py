@@ -1,0 +1,90 @@
+"""Views: the crop box and flip that turn a base image into what a model sees.
+
+A view is a few numbers (box in [0, 1] image coordinates, flip), so the same view can be rendered for
+the student at its resolution and for the teacher at its own, stored next to a teacher embedding, and
+replayed later. Rendering is one batched ``roi_align`` (area-averaged bilinear crop-resize) per batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torchvision.ops import roi_align
+from torchvision.transforms import v2
+
+
+@dataclass
+class Views:
+    """boxes [B, 4] as (x0, y0, x1, y1) fractions of the base image; flips [B] bool."""
+
+    boxes: torch.Tensor
+    flips: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.boxes.shape[0]
+
+    @classmethod
+    def whole(cls, n: int) -> Views:
+        return cls(torch.tensor([[0.0, 0.0, 1.0, 1.0]]).repeat(n, 1), torch.zeros(n, dtype=torch.bool))
+
+    @classmethod
+    def center(cls, n: int, fraction: float) -> Views:
+        m = (1.0 - fraction) / 2
+        return cls(torch.tensor([[m, m, 1.0 - m, 1.0 - m]]).repeat(n, 1), torch.zeros(n, dtype=torch.bool))
+
+
+def sample_views(
+    n: int,
+    generator: torch.Generator,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    hflip: bool = True,
+    per_batch: bool = False,
+) -> Views:
+    """RandomResizedCrop + horizontal flip parameters on a square image, one per image or one per batch.
+
+    ``per_batch`` reproduces the official code, which transforms the collated batch tensor and so shares
+    one crop box and one flip decision among all images of a batch.
+    """
+    m = 1 if per_batch else n
+    trials = 10
+    area = torch.empty(m, trials).uniform_(scale[0], scale[1], generator=generator)
+    log_r = torch.empty(m, trials).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
+    w = torch.sqrt(area * torch.exp(log_r))
+    h = torch.sqrt(area / torch.exp(log_r))
+    ok = (w <= 1) & (h <= 1)
+    first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((m,), -1))
+    rows = torch.arange(m)
+    w = torch.where(first >= 0, w[rows, first.clamp(min=0)], torch.ones(m))
+    h = torch.where(first >= 0, h[rows, first.clamp(min=0)], torch.ones(m))
+    x0 = torch.rand(m, generator=generator) * (1 - w)
+    y0 = torch.rand(m, generator=generator) * (1 - h)
+    flips = torch.rand(m, generator=generator) < 0.5 if hflip else torch.zeros(m, dtype=torch.bool)
+    boxes = torch.stack([x0, y0, x0 + w, y0 + h], dim=1)
+    if per_batch:
+        boxes, flips = boxes.expand(n, 4).clone(), flips.expand(n).clone()
+    return Views(boxes, flips)
+
+
+def render(images: torch.Tensor, views: Views, size: int) -> torch.Tensor:
+    """uint8 [B, 3, S, S] + views -> float pixels in [0, 1] of shape [B, 3, size, size]."""
+    b, _, hgt, wid = images.shape
+    scale = torch.tensor([wid, hgt, wid, hgt], dtype=torch.float32)
+    boxes = views.boxes.to(torch.float32) * scale
+    rois = torch.cat([torch.arange(b, dtype=torch.float32).unsqueeze(1), boxes], dim=1).to(images.device)
+    out = roi_align(images.float(), rois, output_size=(size, size), sampling_ratio=-1, aligned=True) / 255.0
+    flips = views.flips.to(images.device).view(b, 1, 1, 1)
+    return torch.where(flips, out.flip(-1), out)
+
+
+def randaugment(images: torch.Tensor, generator: torch.Generator, per_batch: bool) -> torch.Tensor:
+    """RandAugment(2, 9) on uint8 images, seeded from ``generator`` so a run stays reproducible."""
+    op = v2.RandAugment(num_ops=2, magnitude=9)
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if per_batch:
+            return op(images)
+        return torch.stack([op(img) for img in images])

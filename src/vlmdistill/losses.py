@@ -1,0 +1,152 @@
+"""The loss terms of the paper (its eq. 1-6) plus plain logit KD, each a small module with one signature.
+
+Every term takes the same ``LossInputs`` and returns a scalar. ``Objective`` sums the enabled terms
+with their config weights and returns the named values, so logs and ablations see each term.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlmdistill.config import LossConfig
+
+
+@dataclass
+class LossInputs:
+    """One batch. ``s``/``t``/``w`` are unit vectors; the raw ones feed the unnormalised MSE variant."""
+
+    s: torch.Tensor
+    y: torch.Tensor
+    w: torch.Tensor | None = None
+    t: torch.Tensor | None = None
+    s_raw: torch.Tensor | None = None
+    t_raw: torch.Tensor | None = None
+
+
+class ClsLoss(nn.Module):
+    """L_cls (eq. 1): cross-entropy over cos(s, w_c) / tau for all training classes."""
+
+    def __init__(self, temperature: float) -> None:
+        super().__init__()
+        self.temperature = temperature
+
+    def forward(self, x: LossInputs) -> torch.Tensor:
+        return F.cross_entropy(x.s @ x.w.T / self.temperature, x.y)
+
+
+class ClosedSetLoss(nn.Module):
+    """The paper's closed-set baseline: plain CE on a linear head's logits (``s_raw`` are logits)."""
+
+    def forward(self, x: LossInputs) -> torch.Tensor:
+        return F.cross_entropy(x.s_raw, x.y)
+
+
+class MseLoss(nn.Module):
+    """L_mse (eq. 2): mean ||s - t||^2 of unit vectors (= 2 - 2cos, not divided by the dimension).
+
+    ``normalized=False`` is the official code's extra variant log(1 + mean ||S(x) - T(x)||^2 / 10).
+    """
+
+    def __init__(self, normalized: bool = True) -> None:
+        super().__init__()
+        self.normalized = normalized
+
+    def forward(self, x: LossInputs) -> torch.Tensor:
+        if self.normalized:
+            return (x.s - x.t).pow(2).sum(1).mean()
+        return torch.log1p((x.s_raw - x.t_raw).pow(2).sum(1).mean() / 10)
+
+
+class ImageContrastiveLoss(nn.Module):
+    """L_im-cst (eq. 3, code form): InfoNCE over M_ij = cos(s_i, t_j) / tau with in-batch negatives."""
+
+    def __init__(self, temperature: float, mode: str = "bidirectional") -> None:
+        super().__init__()
+        self.temperature = temperature
+        self.mode = mode
+
+    def forward(self, x: LossInputs) -> torch.Tensor:
+        logits = x.s @ x.t.T / self.temperature
+        target = torch.arange(len(logits), device=logits.device)
+        loss = F.cross_entropy(logits, target)
+        if self.mode == "bidirectional":
+            loss = 0.5 * (loss + F.cross_entropy(logits.T, target))
+        return loss
+
+
+class VlAlignLoss(nn.Module):
+    """L_vlalign / L_vlprox (eq. 6): KL(teacher || student) over the teacher's top-k classes.
+
+    Images the teacher misclassifies are dropped when ``filter`` is on. A batch where every image is
+    dropped gives 0 (with a graph), not the official code's NaN.
+    """
+
+    def __init__(self, temperature: float, k: int = 256, filter: bool = True) -> None:
+        super().__init__()
+        self.temperature = temperature
+        self.k = k
+        self.filter = filter
+
+    def forward(self, x: LossInputs) -> torch.Tensor:
+        z = x.s @ x.w.T / self.temperature
+        u = x.t @ x.w.T / self.temperature
+        if self.filter:
+            keep = u.argmax(1) == x.y
+            if not keep.any():
+                return z.sum() * 0.0
+            z, u = z[keep], u[keep]
+        top = u.topk(min(self.k, u.shape[1]), dim=1).indices
+        log_pt = F.log_softmax(u.gather(1, top), dim=1)
+        log_ps = F.log_softmax(z.gather(1, top), dim=1)
+        return (log_pt.exp() * (log_pt - log_ps)).sum(1).mean()
+
+
+class LogitKdLoss(nn.Module):
+    """Hinton KD on the class distributions: T^2 KL(softmax(u/T) || softmax(z/T)), logits = cos / tau."""
+
+    def __init__(self, temperature: float, kd_temperature: float = 1.0) -> None:
+        super().__init__()
+        self.temperature = temperature
+        self.kd_temperature = kd_temperature
+
+    def forward(self, x: LossInputs) -> torch.Tensor:
+        scale = self.temperature * self.kd_temperature
+        log_pt = F.log_softmax(x.t @ x.w.T / scale, dim=1)
+        log_ps = F.log_softmax(x.s @ x.w.T / scale, dim=1)
+        return self.kd_temperature**2 * (log_pt.exp() * (log_pt - log_ps)).sum(1).mean()
+
+
+class Objective(nn.Module):
+    """Weighted sum of the enabled terms; ``needs_teacher`` tells the trainer whether to fetch targets."""
+
+    def __init__(self, cfg: LossConfig) -> None:
+        super().__init__()
+        tau = cfg.temperature
+        if cfg.closed_set:
+            terms = {"closed_set": (ClosedSetLoss(), 1.0)}
+        else:
+            candidates = {
+                "cls": (ClsLoss(tau), cfg.cls.weight),
+                "mse": (MseLoss(cfg.mse.normalized), cfg.mse.weight),
+                "imcst": (ImageContrastiveLoss(tau, cfg.imcst.mode), cfg.imcst.weight),
+                "vlalign": (VlAlignLoss(tau, cfg.vlalign.k, cfg.vlalign.filter), cfg.vlalign.weight),
+                "kd": (LogitKdLoss(tau, cfg.kd.temperature), cfg.kd.weight),
+            }
+            terms = {k: v for k, v in candidates.items() if v[1] != 0}
+        self.terms = nn.ModuleDict({k: m for k, (m, _) in terms.items()})
+        self.weights = {k: w for k, (_, w) in terms.items()}
+        self.needs_teacher = bool({"mse", "imcst", "vlalign", "kd"} & set(terms))
+
+    def forward(self, x: LossInputs) -> tuple[torch.Tensor, dict[str, float]]:
+        total = x.s.new_zeros(())
+        named: dict[str, float] = {}
+        for name, term in self.terms.items():
+            value = term(x)
+            named[name] = float(value.detach())
+            total = total + self.weights[name] * value
+        named["total"] = float(total.detach())
+        return total, named

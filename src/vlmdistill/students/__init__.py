@@ -1,0 +1,107 @@
+"""Student image encoders: any timm model, or a torchvision model as ``tv:<name>``.
+
+The classifier head is replaced by a linear projection to the teacher's embedding size, as the paper
+does (ResNet18 with its fc replaced by Linear 512 -> 768), so the student writes straight into the
+teacher's joint space. Random initialisation is the default: the paper trains from scratch so that
+no pretraining labels leak into the OOD classes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import timm
+import torch
+import torchvision
+from torch import nn
+
+from vlmdistill.config import StudentConfig
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class StudentBuildError(ValueError):
+    """An unknown architecture or unavailable pretrained weights."""
+
+
+@dataclass(frozen=True)
+class StudentSpec:
+    id: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+class Student(nn.Module):
+    """Backbone + projection. ``forward`` takes pixels in [0, 1] and returns the raw embedding."""
+
+    def __init__(self, net: nn.Module, spec: StudentSpec, out_dim: int) -> None:
+        super().__init__()
+        self.net = net
+        self.spec = spec
+        self.out_dim = out_dim
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.net((pixels - self.mean) / self.std)
+
+
+def _replace_torchvision_head(model: nn.Module, out_dim: int) -> None:
+    """Swap the last Linear layer (the ImageNet classifier) for a projection to ``out_dim``."""
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise StudentBuildError(f"torchvision {type(model).__name__} has no linear head to replace")
+    parent_name, _, child = linears[-1].rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, child) if not child.isdigit() else parent[int(child)]
+    new = nn.Linear(old.in_features, out_dim)
+    if child.isdigit():
+        parent[int(child)] = new
+    else:
+        setattr(parent, child, new)
+
+
+def create_student(cfg: StudentConfig, out_dim: int) -> Student:
+    """``out_dim`` is the teacher's embed_dim (or the number of classes for the closed-set baseline)."""
+    arch = cfg.arch
+    if arch.startswith("tv:"):
+        name = arch[3:]
+        if name not in torchvision.models.list_models():
+            raise StudentBuildError(f"torchvision has no model {name!r}; see torchvision.models.list_models()")
+        kwargs = dict(cfg.model_kwargs)
+        if name.startswith("vit_"):
+            kwargs.setdefault("image_size", cfg.image_size)
+        try:
+            if cfg.pretrained:
+                net = torchvision.models.get_model(name, weights="DEFAULT", **kwargs)
+                _replace_torchvision_head(net, out_dim)
+            else:
+                net = torchvision.models.get_model(name, weights=None, num_classes=out_dim, **kwargs)
+        except Exception as err:
+            raise StudentBuildError(f"could not build torchvision {name!r}: {err}") from err
+        spec = StudentSpec(id=f"{arch}{'@pretrained' if cfg.pretrained else ''}", mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        return Student(net, spec, out_dim)
+    if not timm.is_model(arch):
+        raise StudentBuildError(f"timm has no model {arch!r}; see timm.list_models() or use tv:<name>")
+    kwargs = dict(cfg.model_kwargs)
+    if cfg.drop_path:
+        kwargs["drop_path_rate"] = cfg.drop_path
+    try:
+        net = timm.create_model(arch, pretrained=cfg.pretrained, num_classes=out_dim, **kwargs)
+    except Exception as err:
+        raise StudentBuildError(
+            f"could not build timm {arch!r} (pretrained={cfg.pretrained}): {err}. Pretrained weights need "
+            "network access or a local Hugging Face cache"
+        ) from err
+    pcfg = getattr(net, "pretrained_cfg", {}) or {}
+    spec = StudentSpec(
+        id=f"timm:{arch}{'@pretrained' if cfg.pretrained else ''}",
+        mean=tuple(pcfg.get("mean", IMAGENET_MEAN)),
+        std=tuple(pcfg.get("std", IMAGENET_STD)),
+    )
+    return Student(net, spec, out_dim)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

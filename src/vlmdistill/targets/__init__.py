@@ -1,0 +1,1 @@
+"""Teacher image targets: computed once per (teacher, preprocessing, image list, views) and cached."""

@@ -1,0 +1,89 @@
+"""open_clip teachers: a model name + pretrained tag, a local checkpoint, or a custom model-config JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import open_clip
+import torch
+
+from vlmdistill.config import TeacherConfig
+from vlmdistill.io import sha256_file, sha256_strings
+from vlmdistill.teachers.base import Teacher, TeacherLoadError, resolve_device
+
+
+class OpenClipTeacher(Teacher):
+    def __init__(self, cfg: TeacherConfig) -> None:
+        name = cfg.name
+        config_digest = ""
+        if cfg.model_config_path is not None:
+            path = Path(cfg.model_config_path)
+            if not path.is_file():
+                raise TeacherLoadError(f"teacher.model_config {path} does not exist")
+            try:
+                json.loads(path.read_text())
+            except json.JSONDecodeError as err:
+                raise TeacherLoadError(f"teacher.model_config {path} is not valid JSON: {err}") from err
+            open_clip.add_model_config(path)
+            name = path.stem
+            config_digest = sha256_file(path)[:16]
+        if name not in open_clip.list_models():
+            raise TeacherLoadError(
+                f"open_clip has no model {name!r}; see open_clip.list_models() or give teacher.model_config"
+            )
+        pretrained, weights = self._weights(cfg)
+        device = resolve_device(cfg.device)
+        try:
+            model = open_clip.create_model(name, pretrained=pretrained, device="cpu")
+        except Exception as err:
+            raise TeacherLoadError(
+                f"could not load open_clip {name!r} with weights {pretrained!r}: {err}. "
+                "Without network access the weights must already be in the Hugging Face cache "
+                "(run once online), or point teacher.checkpoint at a local file"
+            ) from err
+        super().__init__(model, device, cfg.precision, cfg.batch_size)
+        pre = open_clip.get_model_preprocess_cfg(model)
+        size = pre.get("size", 224)
+        self.image_size = int(size if isinstance(size, int) else size[0])
+        self.mean = tuple(float(v) for v in pre.get("mean", open_clip.OPENAI_DATASET_MEAN))
+        self.std = tuple(float(v) for v in pre.get("std", open_clip.OPENAI_DATASET_STD))
+        self.tokenizer = open_clip.get_tokenizer(name)
+        self.context_length = int(getattr(self.tokenizer, "context_length", 77))
+        with torch.no_grad():
+            probe = self.tokenizer(["a"])
+            self.embed_dim = int(model.encode_text(probe.to("cpu") if hasattr(probe, "to") else probe).shape[-1])
+        self.model.to(device)
+        self.id = "open_clip:" + sha256_strings(
+            [name, weights, config_digest, str(self.image_size), repr(self.mean), repr(self.std)]
+        )[:20]
+        self.description = f"open_clip {name} ({weights})"
+
+    @staticmethod
+    def _weights(cfg: TeacherConfig) -> tuple[str | None, str]:
+        """What open_clip loads, and the string that identifies those weights in cache keys."""
+        if cfg.checkpoint is not None:
+            path = Path(cfg.checkpoint)
+            if not path.is_file():
+                raise TeacherLoadError(f"teacher.checkpoint {path} does not exist")
+            return str(path), "sha256:" + sha256_file(path)
+        if cfg.pretrained in (None, "", "random"):
+            if cfg.pretrained != "random":
+                raise TeacherLoadError(
+                    "the teacher has no weights: set teacher.pretrained (e.g. openai) or teacher.checkpoint; "
+                    "teacher.pretrained=random builds random weights, for tests only"
+                )
+            return None, "random"
+        return cfg.pretrained, f"tag:{cfg.pretrained}"
+
+    def _encode_images(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(x)
+
+    def _encode_texts(self, texts: list[str]) -> torch.Tensor:
+        return self.model.encode_text(self.tokenizer(texts).to(self.device))
+
+    def count_tokens(self, text: str) -> int:
+        inner = getattr(self.tokenizer, "encode", None)
+        if inner is None:
+            return int((self.tokenizer([text])[0] != 0).sum())
+        return len(inner(text)) + 2

@@ -1,0 +1,1 @@
+"""Text side of distillation: class prompts and LLM-written class descriptions."""

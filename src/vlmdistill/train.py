@@ -1,0 +1,309 @@
+"""The training loop for distillation, readable top to bottom.
+
+One step: sample a view per image (or per batch in ``paper`` mode) -> render it for the student ->
+fetch the teacher's embedding of the same view from the target store (or run the teacher online) ->
+the Objective's weighted loss terms -> backward -> optimiser step. The LR schedule, evaluation and
+checkpoints happen once per outer epoch, each of which runs ``repeat_epochs`` passes over the data,
+as in the paper. Every random draw comes from a generator seeded by (seed, epoch, pass, batch), so a
+resumed run is identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.tensorboard import SummaryWriter
+
+from vlmdistill.checkpoint import LoopState, has_checkpoint, load_checkpoint, save_checkpoint
+from vlmdistill.config import ExperimentConfig, config_to_dict, save_config
+from vlmdistill.data.dataset import Dataset, open_dataset
+from vlmdistill.data.source import ImageSource
+from vlmdistill.data.views import Views, randaugment, render, sample_views
+from vlmdistill.evaluate import closed_set_metrics, embed_source, zero_shot_metrics
+from vlmdistill.io import atomic_write_json
+from vlmdistill.losses import LossInputs, Objective
+from vlmdistill.progress import console, make_progress
+from vlmdistill.students import Student, count_parameters, create_student
+from vlmdistill.targets.store import TargetStore, ViewRecipe, open_store
+from vlmdistill.teachers import Teacher, load_teacher
+from vlmdistill.teachers.base import resolve_device
+from vlmdistill.text.textbank import embed_texts
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Workspace:
+    """What runs on the same data and teacher share: built once, reused by every variant of a sweep."""
+
+    dataset: Dataset
+    teacher: Teacher
+    train: ImageSource
+    id_val: ImageSource
+    ood_val: ImageSource
+
+
+def build_workspace(cfg: ExperimentConfig, teacher: Teacher | None = None) -> Workspace:
+    d = cfg.data
+    dataset = open_dataset(d.dir, cfg.text.descriptions, skip_missing=d.skip_bad_images)
+    teacher = teacher or load_teacher(cfg.teacher)
+
+    def source(split: Any) -> ImageSource:
+        return ImageSource(split.records, d.base_size, d.resize, d.num_workers, d.skip_bad_images, d.preload)
+
+    return Workspace(dataset, teacher, source(dataset.train), source(dataset.id_val), source(dataset.ood_val))
+
+
+def class_texts(cfg: ExperimentConfig, ws: Workspace) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit-norm teacher text embeddings of the ID and OOD class prompts."""
+    t = cfg.text
+    w_id = embed_texts(
+        ws.teacher, ws.dataset.id_space.prompts(t.template, t.description_template, t.use_descriptions), cfg.cache_dir
+    )
+    w_ood = embed_texts(
+        ws.teacher, ws.dataset.ood_space.prompts(t.template, t.description_template, t.use_descriptions), cfg.cache_dir
+    )
+    return w_id, w_ood
+
+
+def _seed_for(*parts: int) -> int:
+    """A generator seed from loop coordinates, so any step's randomness can be recreated on resume."""
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (p + 0x9E3779B9)) * 1099511628211) % (2**63)
+    return h
+
+
+def build_optimizer(cfg: ExperimentConfig, params: Any, steps_per_epoch: int) -> tuple[Any, Any, bool]:
+    """Optimiser, scheduler, and whether the scheduler steps per batch (else per outer epoch)."""
+    o = cfg.optim
+    if o.name == "sgd":
+        opt = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    else:
+        opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+    if o.schedule == "step":
+        milestones = sorted({max(1, round(f * o.epochs)) for f in o.milestones})
+        return opt, torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=o.gamma), False
+    if o.schedule == "onecycle":
+        per_step = cfg.mode != "paper"
+        total = o.epochs * steps_per_epoch if per_step else o.epochs
+        return opt, torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=o.lr, total_steps=max(total, 2)), per_step
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0), False
+
+
+class Distiller:
+    """Holds one run's pieces; ``fit`` trains, ``evaluate`` scores, both write into the run directory."""
+
+    def __init__(self, cfg: ExperimentConfig, ws: Workspace) -> None:
+        self.cfg, self.ws = cfg, ws
+        self.device = resolve_device(cfg.device)
+        self.w_id, self.w_ood = (w.to(self.device) for w in class_texts(cfg, ws))
+        self.n_id = len(ws.dataset.id_space)
+        self.closed_set = cfg.loss.closed_set
+        out_dim = len(ws.dataset.id_space) + len(ws.dataset.ood_space) if self.closed_set else ws.teacher.embed_dim
+        self.student: Student = create_student(cfg.student, out_dim).to(self.device)
+        self.objective = Objective(cfg.loss)
+        self.per_batch = cfg.data.augment_per == "batch"
+        self.store: TargetStore | None = None
+        self.online_teacher = False
+        if self.objective.needs_teacher:
+            self._prepare_targets()
+
+    # ----------------------------------------------------------------- teacher targets
+    def _prepare_targets(self) -> None:
+        """Whole-image targets (paper) or stored random views; online teacher when views can't be stored."""
+        cfg = self.cfg
+        if cfg.train.teacher_view == "whole":
+            recipe = ViewRecipe(0, cfg.seed, cfg.data.crop_scale, cfg.data.hflip)
+        elif cfg.train.target_views > 0 and not self.per_batch:
+            recipe = ViewRecipe(cfg.train.target_views, cfg.seed, cfg.data.crop_scale, cfg.data.hflip)
+        else:
+            self.online_teacher = True
+            return
+        self.store = open_store(self.ws.teacher, self.ws.train, recipe, cfg.cache_dir, cfg.train.progress)
+
+    def _views_and_targets(self, index: torch.Tensor, images: torch.Tensor, g: torch.Generator) -> tuple[Views, Any]:
+        """The student's views of this batch and the teacher's embeddings of the matching views."""
+        d = self.cfg.data
+        if self.store is not None and self.cfg.train.teacher_view == "same":
+            view_ids = torch.randint(1, self.store.n_views, (len(index),), generator=g)
+            return self.store.views(index, view_ids), self.store.targets(index, view_ids)
+        views = sample_views(len(index), g, d.crop_scale, hflip=d.hflip, per_batch=self.per_batch)
+        if self.store is not None:
+            return views, self.store.targets(index, torch.zeros_like(index))
+        if self.online_teacher:
+            return views, self.ws.teacher.encode_images(render(images, views, self.ws.teacher.image_size))
+        return views, None
+
+    # ----------------------------------------------------------------- one step
+    def step(self, images: torch.Tensor, index: torch.Tensor, optimizer: Any, g: torch.Generator) -> dict[str, float]:
+        labels = torch.tensor([self.ws.dataset.train.labels[i] for i in index.tolist()], device=self.device)
+        views, t_raw = self._views_and_targets(index, images, g)
+        if self.cfg.data.randaugment:
+            images = randaugment(images, g, per_batch=self.per_batch)
+        pixels = render(images, views, self.cfg.student.image_size).to(self.device, non_blocking=True)
+        amp = self.cfg.train.amp and self.device.type == "cuda"
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
+            s_raw = self.student(pixels).float()
+        t_raw = t_raw.to(self.device) if t_raw is not None else None
+        inputs = LossInputs(
+            s=F.normalize(s_raw, dim=-1),
+            y=labels,
+            w=self.w_id,
+            t=F.normalize(t_raw, dim=-1) if t_raw is not None else None,
+            s_raw=s_raw,
+            t_raw=t_raw,
+        )
+        loss, named = self.objective(inputs)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.optim.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.optim.grad_clip)
+        optimizer.step()
+        return named
+
+    # ----------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        self.student.eval()
+        d, bs = self.cfg.data, self.cfg.optim.eval_batch_size
+
+        def view(n: int) -> Views:
+            return Views.center(n, d.eval_crop)
+
+        def encode(x: torch.Tensor) -> torch.Tensor:
+            return self.student(x.to(self.device))
+
+        id_f, id_i = embed_source(encode, self.ws.id_val, self.cfg.student.image_size, view, bs)
+        ood_f, ood_i = embed_source(encode, self.ws.ood_val, self.cfg.student.image_size, view, bs)
+        id_y = torch.tensor(self.ws.dataset.id_val.labels, dtype=torch.long)[id_i]
+        ood_y = torch.tensor(self.ws.dataset.ood_val.labels, dtype=torch.long)[ood_i]
+        self.student.train()
+        if self.closed_set:
+            return closed_set_metrics(id_f, id_y, ood_f, ood_y, self.n_id)
+        return zero_shot_metrics(id_f, id_y, ood_f, ood_y, self.w_id.cpu(), self.w_ood.cpu())
+
+    # ----------------------------------------------------------------- the loop
+    def fit(self, resume: bool = False) -> dict[str, Any]:
+        cfg, run_dir = self.cfg, self.cfg.run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        n_train = len(self.ws.train)
+        bs = cfg.optim.batch_size
+        batches_per_pass = math.ceil(n_train / bs)
+        steps_per_epoch = batches_per_pass * cfg.optim.repeat_epochs
+        optimizer, scheduler, sched_per_step = build_optimizer(cfg, self.student.parameters(), steps_per_epoch)
+        torch.manual_seed(cfg.seed)
+        loop = LoopState()
+        if resume and has_checkpoint(run_dir):
+            loop = load_checkpoint(run_dir, self.student, optimizer, scheduler)
+            console.print(f"resumed {run_dir} at epoch {loop.epoch}, step {loop.step}")
+        writer = SummaryWriter(str(run_dir / "tensorboard"))
+        total_steps = cfg.optim.epochs * steps_per_epoch
+        self.student.train()
+        start = time.perf_counter()
+        stopped = False
+        with make_progress(cfg.train.progress) as bar:
+            task = bar.add_task(cfg.name, total=total_steps, completed=loop.step, info="")
+            while loop.epoch < cfg.optim.epochs and not stopped:
+                while loop.rep < cfg.optim.repeat_epochs and not stopped:
+                    order = torch.randperm(n_train, generator=torch.Generator().manual_seed(
+                        _seed_for(cfg.seed, loop.epoch, loop.rep)))
+                    for batch in self.ws.train.batches(order[loop.batch * bs :], bs):
+                        g = torch.Generator().manual_seed(_seed_for(cfg.seed, loop.epoch, loop.rep, loop.batch, 1))
+                        named = self.step(batch.images, batch.index, optimizer, g)
+                        if sched_per_step:
+                            scheduler.step()
+                        loop.batch += 1
+                        loop.step += 1
+                        if loop.step % cfg.train.log_every == 0:
+                            for k, v in named.items():
+                                writer.add_scalar(f"train/{k}", v, loop.step)
+                            writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], loop.step)
+                        terms = " ".join(f"{k}={v:.3f}" for k, v in named.items())
+                        bar.update(task, completed=loop.step, info=f"ep {loop.epoch + 1}/{cfg.optim.epochs} {terms}")
+                        if cfg.train.max_steps is not None and loop.step >= cfg.train.max_steps:
+                            stopped = True
+                            break
+                    if not stopped:
+                        loop.rep, loop.batch = loop.rep + 1, 0
+                if stopped:
+                    break
+                loop.rep = 0
+                if not sched_per_step:
+                    scheduler.step()
+                loop.epoch += 1
+                last = loop.epoch == cfg.optim.epochs
+                if last or loop.epoch % cfg.train.eval_every == 0:
+                    metrics = self.evaluate()
+                    loop.history.append({"epoch": loop.epoch, "step": loop.step, **metrics})
+                    _log_metrics(writer, metrics, loop.epoch)
+                if last or loop.epoch % cfg.train.checkpoint_every == 0:
+                    save_checkpoint(run_dir, self.student, optimizer, scheduler, loop, self.model_meta())
+        if stopped:
+            save_checkpoint(run_dir, self.student, optimizer, scheduler, loop, self.model_meta())
+        writer.close()
+        results = self.results(loop, time.perf_counter() - start, complete=not stopped)
+        atomic_write_json(run_dir / "results.json", results)
+        return results
+
+    def model_meta(self) -> dict[str, str]:
+        return {
+            "student_arch": self.cfg.student.arch,
+            "student_id": self.student.spec.id,
+            "out_dim": str(self.student.out_dim),
+            "image_size": str(self.cfg.student.image_size),
+            "teacher_id": self.ws.teacher.id,
+            "closed_set": str(self.closed_set),
+        }
+
+    def results(self, loop: LoopState, seconds: float, complete: bool) -> dict[str, Any]:
+        history = loop.history
+        metrics = {k: v for k, v in history[-1].items() if k not in ("epoch", "step")} if history else {}
+        tail = history[-self.cfg.train.average_last :]
+        return {
+            "run": self.cfg.name,
+            "mode": self.cfg.mode,
+            "complete": complete,
+            "teacher": {"id": self.ws.teacher.id, "description": self.ws.teacher.description,
+                        "params": count_parameters(self.ws.teacher.model)},
+            "student": {"id": self.student.spec.id, "params": count_parameters(self.student)},
+            "metrics": metrics,
+            "metrics_last_avg": average_metrics(tail) if tail else {},
+            "history": history,
+            "data": {"skipped_images": len(self.ws.train.bad | self.ws.id_val.bad | self.ws.ood_val.bad),
+                     "skipped": self.ws.train.bad_keys + self.ws.id_val.bad_keys + self.ws.ood_val.bad_keys},
+            "train": {"steps": loop.step, "seconds": round(seconds, 2),
+                      "targets": "store" if self.store is not None else "online" if self.online_teacher else "none"},
+            "config": config_to_dict(self.cfg),
+        }
+
+
+def average_metrics(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean of each numeric metric over evaluations (the paper reports the last 5 outer epochs)."""
+    out: dict[str, Any] = {}
+    for split in ("id", "ood", "gzsl"):
+        entries = [h[split] for h in history if h.get(split)]
+        if entries:
+            out[split] = {k: sum(e[k] for e in entries) / len(entries) for k in entries[0] if k in entries[-1]}
+    return out
+
+
+def _log_metrics(writer: SummaryWriter, metrics: dict[str, Any], epoch: int) -> None:
+    for split, values in metrics.items():
+        for k, v in (values or {}).items():
+            writer.add_scalar(f"eval/{split}/{k}", v, epoch)
+
+
+def train(cfg: ExperimentConfig, ws: Workspace | None = None, resume: bool = False) -> dict[str, Any]:
+    """Distill a student as configured; returns (and writes) results.json."""
+    torch.manual_seed(cfg.seed)
+    ws = ws or build_workspace(cfg)
+    return Distiller(cfg, ws).fit(resume=resume)
+
