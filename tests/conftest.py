@@ -63,7 +63,8 @@ def prepared(tmp_path_factory: pytest.TempPathFactory, raw_images: Path) -> Path
 
     out = tmp_path_factory.mktemp("prepared") / "ds"
     desc = raw_images.parent / "descriptions.json"
-    desc.write_text(json.dumps({d.name: f"a {d.name.replace('_', ' ')} on a dark background" for d in raw_images.iterdir()}))
+    text = {d.name: f"a {d.name.replace('_', ' ')} on a dark background" for d in raw_images.iterdir()}
+    desc.write_text(json.dumps(text))
     prepare(out, images=raw_images, descriptions=desc, seed=0)
     return out
 

@@ -8,7 +8,7 @@ import torch
 
 from vlmdistill.checkpoint import checkpoint_paths, load_weights
 from vlmdistill.config import load_config
-from vlmdistill.train import train
+from vlmdistill.jobs import distill as train
 
 
 def test_train_writes_results_and_checkpoint(base_overrides: list[str]) -> None:
@@ -24,3 +24,18 @@ def test_train_writes_results_and_checkpoint(base_overrides: list[str]) -> None:
     assert (run / "config.yaml").is_file()
     weights, _ = load_weights(checkpoint_paths(run)[0])
     assert any(torch.is_tensor(v) for v in weights.values())
+
+
+def test_fewshot_finetune_and_retrieval(base_overrides: list[str]) -> None:
+    from vlmdistill.fewshot import run_fewshot
+    from vlmdistill.train import build_workspace
+
+    cfg = load_config(None, [*base_overrides, "name=fs", "loss.imcst.weight=1", "fewshot.shots=2", "fewshot.epochs=1"])
+    ws = build_workspace(cfg)
+    train(cfg, ws)
+    out = run_fewshot(cfg, ws, cfg.run_dir)
+    assert out["support_images"] == 2 * len(ws.dataset.ood_space)
+    assert out["finetune"]["ood"]["n_images"] == len(ws.dataset.ood_val) - out["support_images"]
+    assert out["retrieval"]["ood"]["n_images"] == out["finetune"]["ood"]["n_images"]
+    saved = json.loads((cfg.run_dir / "results.json").read_text())
+    assert saved["fewshot"]["finetune"]["ood"]["mean_per_class_recall"] == out["finetune"]["ood"]["mean_per_class_recall"]

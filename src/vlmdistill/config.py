@@ -130,14 +130,33 @@ class TrainConfig(_Strict):
     log_every: int = 10
     max_steps: int | None = None
     progress: bool = True
+    analysis: bool = True
+    analysis_max_images: int = 2000
     teacher_view: Literal["same", "whole"] = "same"
     target_views: int = 10
 
 
+class FewShotConfig(_Strict):
+    """Adapting a distilled student to the OOD classes from K labelled images each (paper §4.2, App. E)."""
+
+    shots: int = 5
+    selection: Literal["seeded", "first"] = "seeded"
+    methods: tuple[Literal["finetune", "retrieval"], ...] = ("finetune", "retrieval")
+    epochs: int = 20
+    repeat_epochs: int | None = None
+    lr: float = 0.003
+    alpha: float = 1.0
+    beta: float = 5.5
+    keys: Literal["student", "teacher"] = "student"
+    text_scale: float = 100.0
+    key_views: int = 1
+
+
 PAPER_MODE: dict[str, dict[str, Any]] = {
     "data": {"resize": "squash", "augment_per": "batch", "base_size": 256},
-    "train": {"teacher_view": "whole", "average_last": 5},
+    "train": {"teacher_view": "whole", "average_last": 5, "amp": False},
     "loss": {"temperature": 0.07},
+    "fewshot": {"selection": "first", "keys": "teacher", "text_scale": 1.0, "key_views": 10},
 }
 
 
@@ -157,6 +176,7 @@ class ExperimentConfig(_Strict):
     loss: LossConfig = Field(default_factory=LossConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    fewshot: FewShotConfig = Field(default_factory=FewShotConfig)
 
     @model_validator(mode="before")
     @classmethod

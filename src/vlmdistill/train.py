@@ -11,7 +11,6 @@ resumed run is identical to an uninterrupted one.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -72,6 +71,56 @@ def class_texts(cfg: ExperimentConfig, ws: Workspace) -> tuple[torch.Tensor, tor
     return w_id, w_ood
 
 
+@dataclass
+class TrainSet:
+    """What the loop trains on: images, their labels, and the class text embeddings the labels index.
+
+    ``support`` marks few-shot images; when set, every batch mixes them with base images as the paper's
+    FewShotSampler does.
+    """
+
+    source: ImageSource
+    labels: torch.Tensor
+    w: torch.Tensor
+    support: torch.Tensor | None = None
+
+
+@dataclass
+class EvalSet:
+    """ID-val scored over ID classes, OOD-val over OOD classes (support images already removed)."""
+
+    id_source: ImageSource
+    id_labels: torch.Tensor
+    ood_source: ImageSource
+    ood_labels: torch.Tensor
+
+
+def default_sets(ws: Workspace, w_id: torch.Tensor) -> tuple[TrainSet, EvalSet]:
+    d = ws.dataset
+    train = TrainSet(ws.train, torch.tensor(d.train.labels, dtype=torch.long), w_id)
+    evals = EvalSet(ws.id_val, torch.tensor(d.id_val.labels, dtype=torch.long),
+                    ws.ood_val, torch.tensor(d.ood_val.labels, dtype=torch.long))
+    return train, evals
+
+
+def balanced_batches(
+    base: torch.Tensor, support: torch.Tensor, batch_size: int, g: torch.Generator
+) -> list[torch.Tensor]:
+    """The paper's FewShotSampler: half of each batch few-shot images (all of them if they fit in half)."""
+    base = base[torch.randperm(len(base), generator=g)]
+    half = batch_size // 2
+    if len(support) > half:
+        n_batches = len(base) // half + 1
+        out = []
+        for b in range(n_batches):
+            shots = support[torch.randperm(len(support), generator=g)[:half]]
+            rest = base[(torch.arange(half) + b * half) % max(len(base), 1)] if len(base) else base
+            out.append(torch.cat([shots, rest]))
+        return out
+    per = max(batch_size - len(support), 1)
+    return [torch.cat([support, chunk]) for chunk in base.split(per)] or [support]
+
+
 def _seed_for(*parts: int) -> int:
     """A generator seed from loop coordinates, so any step's randomness can be recreated on resume."""
     h = 1469598103934665603
@@ -100,10 +149,16 @@ def build_optimizer(cfg: ExperimentConfig, params: Any, steps_per_epoch: int) ->
 class Distiller:
     """Holds one run's pieces; ``fit`` trains, ``evaluate`` scores, both write into the run directory."""
 
-    def __init__(self, cfg: ExperimentConfig, ws: Workspace) -> None:
+    def __init__(
+        self, cfg: ExperimentConfig, ws: Workspace, train_set: TrainSet | None = None, eval_set: EvalSet | None = None
+    ) -> None:
         self.cfg, self.ws = cfg, ws
         self.device = resolve_device(cfg.device)
         self.w_id, self.w_ood = (w.to(self.device) for w in class_texts(cfg, ws))
+        default_train, default_eval = default_sets(ws, self.w_id)
+        self.train_set = train_set or default_train
+        self.eval_set = eval_set or default_eval
+        self.w_train = self.train_set.w.to(self.device)
         self.n_id = len(ws.dataset.id_space)
         self.closed_set = cfg.loss.closed_set
         out_dim = len(ws.dataset.id_space) + len(ws.dataset.ood_space) if self.closed_set else ws.teacher.embed_dim
@@ -112,8 +167,6 @@ class Distiller:
         self.per_batch = cfg.data.augment_per == "batch"
         self.store: TargetStore | None = None
         self.online_teacher = False
-        if self.objective.needs_teacher:
-            self._prepare_targets()
 
     # ----------------------------------------------------------------- teacher targets
     def _prepare_targets(self) -> None:
@@ -126,7 +179,7 @@ class Distiller:
         else:
             self.online_teacher = True
             return
-        self.store = open_store(self.ws.teacher, self.ws.train, recipe, cfg.cache_dir, cfg.train.progress)
+        self.store = open_store(self.ws.teacher, self.train_set.source, recipe, cfg.cache_dir, cfg.train.progress)
 
     def _views_and_targets(self, index: torch.Tensor, images: torch.Tensor, g: torch.Generator) -> tuple[Views, Any]:
         """The student's views of this batch and the teacher's embeddings of the matching views."""
@@ -143,7 +196,7 @@ class Distiller:
 
     # ----------------------------------------------------------------- one step
     def step(self, images: torch.Tensor, index: torch.Tensor, optimizer: Any, g: torch.Generator) -> dict[str, float]:
-        labels = torch.tensor([self.ws.dataset.train.labels[i] for i in index.tolist()], device=self.device)
+        labels = self.train_set.labels[index].to(self.device)
         views, t_raw = self._views_and_targets(index, images, g)
         if self.cfg.data.randaugment:
             images = randaugment(images, g, per_batch=self.per_batch)
@@ -155,7 +208,7 @@ class Distiller:
         inputs = LossInputs(
             s=F.normalize(s_raw, dim=-1),
             y=labels,
-            w=self.w_id,
+            w=self.w_train,
             t=F.normalize(t_raw, dim=-1) if t_raw is not None else None,
             s_raw=s_raw,
             t_raw=t_raw,
@@ -170,21 +223,25 @@ class Distiller:
 
     # ----------------------------------------------------------------- evaluation
     @torch.no_grad()
-    def evaluate(self) -> dict[str, Any]:
+    def embed(self, source: ImageSource) -> tuple[torch.Tensor, torch.Tensor]:
+        """Student outputs of a split under the deterministic eval view, and the indices that were read."""
+        was_training = self.student.training
         self.student.eval()
-        d, bs = self.cfg.data, self.cfg.optim.eval_batch_size
+        out = embed_source(
+            lambda x: self.student(x.to(self.device)),
+            source,
+            self.cfg.student.image_size,
+            lambda n: Views.center(n, self.cfg.data.eval_crop),
+            self.cfg.optim.eval_batch_size,
+        )
+        self.student.train(was_training)
+        return out
 
-        def view(n: int) -> Views:
-            return Views.center(n, d.eval_crop)
-
-        def encode(x: torch.Tensor) -> torch.Tensor:
-            return self.student(x.to(self.device))
-
-        id_f, id_i = embed_source(encode, self.ws.id_val, self.cfg.student.image_size, view, bs)
-        ood_f, ood_i = embed_source(encode, self.ws.ood_val, self.cfg.student.image_size, view, bs)
-        id_y = torch.tensor(self.ws.dataset.id_val.labels, dtype=torch.long)[id_i]
-        ood_y = torch.tensor(self.ws.dataset.ood_val.labels, dtype=torch.long)[ood_i]
-        self.student.train()
+    def evaluate(self) -> dict[str, Any]:
+        e = self.eval_set
+        id_f, id_i = self.embed(e.id_source)
+        ood_f, ood_i = self.embed(e.ood_source)
+        id_y, ood_y = e.id_labels[id_i], e.ood_labels[ood_i]
         if self.closed_set:
             return closed_set_metrics(id_f, id_y, ood_f, ood_y, self.n_id)
         return zero_shot_metrics(id_f, id_y, ood_f, ood_y, self.w_id.cpu(), self.w_ood.cpu())
@@ -194,10 +251,9 @@ class Distiller:
         cfg, run_dir = self.cfg, self.cfg.run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-        n_train = len(self.ws.train)
-        bs = cfg.optim.batch_size
-        batches_per_pass = math.ceil(n_train / bs)
-        steps_per_epoch = batches_per_pass * cfg.optim.repeat_epochs
+        steps_per_epoch = len(self.pass_batches(0, 0)) * cfg.optim.repeat_epochs
+        if self.objective.needs_teacher:
+            self._prepare_targets()
         optimizer, scheduler, sched_per_step = build_optimizer(cfg, self.student.parameters(), steps_per_epoch)
         torch.manual_seed(cfg.seed)
         loop = LoopState()
@@ -213,9 +269,8 @@ class Distiller:
             task = bar.add_task(cfg.name, total=total_steps, completed=loop.step, info="")
             while loop.epoch < cfg.optim.epochs and not stopped:
                 while loop.rep < cfg.optim.repeat_epochs and not stopped:
-                    order = torch.randperm(n_train, generator=torch.Generator().manual_seed(
-                        _seed_for(cfg.seed, loop.epoch, loop.rep)))
-                    for batch in self.ws.train.batches(order[loop.batch * bs :], bs):
+                    batches = self.pass_batches(loop.epoch, loop.rep)[loop.batch :]
+                    for batch in self.train_set.source.iter_batches(batches):
                         g = torch.Generator().manual_seed(_seed_for(cfg.seed, loop.epoch, loop.rep, loop.batch, 1))
                         named = self.step(batch.images, batch.index, optimizer, g)
                         if sched_per_step:
@@ -253,6 +308,16 @@ class Distiller:
         atomic_write_json(run_dir / "results.json", results)
         return results
 
+    def pass_batches(self, epoch: int, rep: int) -> list[torch.Tensor]:
+        """The index batches of one data pass, recreated identically from (seed, epoch, pass) on resume."""
+        g = torch.Generator().manual_seed(_seed_for(self.cfg.seed, epoch, rep))
+        bs = self.cfg.optim.batch_size
+        support = self.train_set.support
+        if support is None:
+            return list(torch.randperm(len(self.train_set.labels), generator=g).split(bs))
+        idx = torch.arange(len(support))
+        return balanced_batches(idx[~support], idx[support], bs, g)
+
     def model_meta(self) -> dict[str, str]:
         return {
             "student_arch": self.cfg.student.arch,
@@ -262,6 +327,13 @@ class Distiller:
             "teacher_id": self.ws.teacher.id,
             "closed_set": str(self.closed_set),
         }
+
+    def skipped(self) -> dict[str, Any]:
+        """Unreadable images met so far in any split (only possible with data.skip_bad_images)."""
+        sources = {id(x): x for x in (self.train_set.source, self.eval_set.id_source, self.eval_set.ood_source,
+                                      self.ws.train, self.ws.id_val, self.ws.ood_val)}.values()
+        keys = sorted({k for src in sources for k in src.bad_keys} | set(self.ws.dataset.missing))
+        return {"skipped_images": len(keys), "skipped": keys}
 
     def results(self, loop: LoopState, seconds: float, complete: bool) -> dict[str, Any]:
         history = loop.history
@@ -277,8 +349,7 @@ class Distiller:
             "metrics": metrics,
             "metrics_last_avg": average_metrics(tail) if tail else {},
             "history": history,
-            "data": {"skipped_images": len(self.ws.train.bad | self.ws.id_val.bad | self.ws.ood_val.bad),
-                     "skipped": self.ws.train.bad_keys + self.ws.id_val.bad_keys + self.ws.ood_val.bad_keys},
+            "data": self.skipped(),
             "train": {"steps": loop.step, "seconds": round(seconds, 2),
                       "targets": "store" if self.store is not None else "online" if self.online_teacher else "none"},
             "config": config_to_dict(self.cfg),
@@ -299,11 +370,3 @@ def _log_metrics(writer: SummaryWriter, metrics: dict[str, Any], epoch: int) -> 
     for split, values in metrics.items():
         for k, v in (values or {}).items():
             writer.add_scalar(f"eval/{split}/{k}", v, epoch)
-
-
-def train(cfg: ExperimentConfig, ws: Workspace | None = None, resume: bool = False) -> dict[str, Any]:
-    """Distill a student as configured; returns (and writes) results.json."""
-    torch.manual_seed(cfg.seed)
-    ws = ws or build_workspace(cfg)
-    return Distiller(cfg, ws).fit(resume=resume)
-

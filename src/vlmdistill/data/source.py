@@ -55,18 +55,34 @@ class ImageSource:
     def __post_init__(self) -> None:
         self._dataset = _Decoded(self.records, self.base_size, self.resize, self.skip_bad)
         if self.preload:
-            chunks = list(self._stream(torch.arange(len(self.records)), 256, keep_bad=True))
+            chunks = list(self._stream([b.tolist() for b in torch.arange(len(self.records)).split(256)], keep_bad=True))
             self._images = torch.cat([c.images for c in chunks]) if chunks else None
 
     def __len__(self) -> int:
         return len(self.records)
 
+    def subset(self, index: list[int]) -> ImageSource:
+        """Some of the images, sharing the already-decoded pixels when preloaded."""
+        sub = ImageSource([self.records[i] for i in index], self.base_size, self.resize, self.num_workers,
+                          self.skip_bad)
+        if self._images is not None:
+            sub._images = self._images[torch.tensor(index, dtype=torch.long)]
+        sub.bad = {j for j, i in enumerate(index) if i in self.bad}
+        return sub
+
+    def concat(self, other: ImageSource) -> ImageSource:
+        """This source followed by ``other`` (indices of ``other`` shift by ``len(self)``)."""
+        both = ImageSource(self.records + other.records, self.base_size, self.resize, self.num_workers, self.skip_bad)
+        if self._images is not None and other._images is not None:
+            both._images = torch.cat([self._images, other._images])
+        both.bad = self.bad | {len(self) + i for i in other.bad}
+        return both
+
     @property
     def bad_keys(self) -> list[str]:
         return sorted(self.records[i].key for i in self.bad)
 
-    def _stream(self, order: torch.Tensor, batch_size: int, keep_bad: bool = False) -> Iterator[Batch]:
-        batches = [b.tolist() for b in order.split(batch_size)]
+    def _stream(self, batches: list[list[int]], keep_bad: bool = False) -> Iterator[Batch]:
         loader = DataLoader(
             self._dataset,
             batch_sampler=batches,
@@ -82,10 +98,14 @@ class ImageSource:
 
     def batches(self, order: torch.Tensor, batch_size: int) -> Iterator[Batch]:
         """Batches in the given index order; bad images are dropped (only with ``skip_bad``)."""
+        return self.iter_batches(list(order.split(batch_size)))
+
+    def iter_batches(self, batches: list[torch.Tensor]) -> Iterator[Batch]:
+        """The given index batches, in order (the few-shot sampler composes its own)."""
         if self._images is None:
-            yield from self._stream(order, batch_size)
+            yield from self._stream([b.tolist() for b in batches])
             return
-        for chunk in order.split(batch_size):
+        for chunk in batches:
             if self.bad:
                 chunk = chunk[~torch.isin(chunk, torch.tensor(sorted(self.bad)))]
             if len(chunk):

@@ -1,0 +1,228 @@
+"""The ``vlmdistill`` command line: one verb per job.
+
+Every verb that takes an experiment takes ``CONFIG.yaml`` followed by ``key=value`` overrides, e.g.
+``vlmdistill train configs/paper/cub_resnet18.yaml optim.lr=0.01 loss.mse.weight=1``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+
+import typer
+from rich.logging import RichHandler
+
+from vlmdistill.progress import console
+
+if TYPE_CHECKING:
+    from vlmdistill.config import ExperimentConfig
+
+T = TypeVar("T")
+
+app = typer.Typer(
+    help="Distill a CLIP-style teacher into a small open-vocabulary student image encoder.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ConfigArg = Annotated[Path, typer.Argument(help="Experiment YAML file (see configs/).", exists=False)]
+Overrides = Annotated[
+    list[str] | None, typer.Argument(help="key=value overrides, e.g. optim.lr=0.01 loss.imcst.weight=1")
+]
+
+
+class _UserError(Exception):
+    """Errors whose message is the whole story: printed without a traceback."""
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from vlmdistill.config import ConfigError
+    from vlmdistill.data.dataset import DatasetError
+    from vlmdistill.images import BadImageError
+    from vlmdistill.jobs import RunError
+    from vlmdistill.report import ReportError
+    from vlmdistill.students import StudentBuildError
+    from vlmdistill.teachers import TeacherLoadError
+    from vlmdistill.text.labels import LabelFileError
+
+    return (ConfigError, DatasetError, BadImageError, RunError, ReportError, StudentBuildError, TeacherLoadError,
+            LabelFileError, _UserError)
+
+
+def _run(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run a job; known input errors become one red line and exit code 2 instead of a traceback."""
+    try:
+        return fn(*args, **kwargs)
+    except _user_errors() as err:
+        console.print(f"[bold red]error:[/] {err}")
+        raise typer.Exit(2) from None
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False)],
+    )
+
+
+def _load(config: Path | None, overrides: list[str] | None) -> ExperimentConfig:
+    from vlmdistill.config import load_config
+
+    return _run(load_config, config, overrides or [])
+
+
+@app.command()
+def prepare(
+    out: Annotated[Path, typer.Argument(help="Folder to write the prepared dataset into.")],
+    lists: Annotated[Path | None, typer.Option(help="Folder with the paper's {train,val_on_train,val}_data.txt "
+                                                    "(+ label2text.txt, chatgpt.txt).")] = None,
+    images: Annotated[Path | None, typer.Option(help="Raw image folder: where list entries live, or class folders "
+                                                     "to split by seed.")] = None,
+    csv: Annotated[Path | None, typer.Option("--csv", help="CSV with columns path,label[,split].")] = None,
+    labels: Annotated[Path | None, typer.Option(help="label2text.txt giving class order and names.")] = None,
+    descriptions: Annotated[Path | None, typer.Option(help="chatgpt.txt (line-aligned) or JSON {class: text}.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the random ID/OOD class split and the 70/30 image split.")] = 0,
+    id_fraction: Annotated[float, typer.Option(help="Fraction of classes that are ID (ceil).")] = 0.5,
+    train_fraction: Annotated[float, typer.Option(help="Per ID class: ceil(f * n) images train, rest ID-val.")] = 0.7,
+    id_classes: Annotated[Path | None, typer.Option(help="File: one ID class folder a line (else random).")] = None,
+) -> None:
+    """Materialise ID-train / ID-val / OOD-val splits (the paper's layout, images linked not copied)."""
+    from vlmdistill.data.prepare import prepare as do_prepare
+
+    ids = [x.strip() for x in id_classes.read_text().splitlines() if x.strip()] if id_classes else None
+    counts = _run(do_prepare, out, lists=lists, images=images, csv_path=csv, labels=labels,
+                  descriptions=descriptions, seed=seed, id_fraction=id_fraction, train_fraction=train_fraction,
+                  id_classes=ids)
+    console.print(f"prepared {out}: {counts}")
+
+
+@app.command()
+def train(
+    config: ConfigArg,
+    overrides: Overrides = None,
+    resume: Annotated[bool, typer.Option(help="Continue from <run>/checkpoints if present.")] = False,
+) -> None:
+    """Distill a student: writes checkpoints, TensorBoard logs and results.json into output_dir/name."""
+    from vlmdistill.jobs import distill
+    from vlmdistill.report import comparison_rows, rich_table
+
+    cfg = _load(config, overrides)
+    results = _run(distill, cfg, resume=resume)
+    console.print(rich_table(*comparison_rows([results]), title=str(cfg.run_dir)))
+
+
+@app.command("eval")
+def evaluate(
+    config: ConfigArg,
+    overrides: Overrides = None,
+    run: Annotated[Path | None, typer.Option(help="Run directory whose checkpoint to score "
+                                                  "(default output_dir/name).")] = None,
+    teacher_only: Annotated[bool, typer.Option(help="Score the teacher's own zero-shot instead.")] = False,
+) -> None:
+    """Zero-shot ID / OOD / generalized accuracy of a trained student, or of the teacher alone."""
+    from vlmdistill.jobs import evaluate_run, evaluate_teacher
+    from vlmdistill.report import comparison_rows, rich_table
+    from vlmdistill.train import build_workspace
+
+    cfg = _load(config, overrides)
+    ws = _run(build_workspace, cfg)
+    if teacher_only:
+        results = _run(evaluate_teacher, cfg, ws)
+    else:
+        results = _run(evaluate_run, cfg, ws, run or cfg.run_dir)
+        results.setdefault("run", str(run or cfg.run_dir))
+    console.print(rich_table(*comparison_rows([results])))
+
+
+@app.command()
+def cache(config: ConfigArg, overrides: Overrides = None) -> None:
+    """Extract and store the teacher's embeddings of every training image under its stored views."""
+    from vlmdistill.targets.store import ViewRecipe, open_store, store_path
+    from vlmdistill.train import build_workspace
+
+    cfg = _load(config, overrides)
+    ws = _run(build_workspace, cfg)
+    views = 0 if cfg.train.teacher_view == "whole" else cfg.train.target_views
+    recipe = ViewRecipe(views, cfg.seed, cfg.data.crop_scale, cfg.data.hflip)
+    store = _run(open_store, ws.teacher, ws.train, recipe, cfg.cache_dir, cfg.train.progress)
+    console.print(f"target store: {len(store.valid)} images x {store.n_views} views -> "
+                  f"{store_path(cfg.cache_dir, store.key)}")
+
+
+@app.command()
+def compare(
+    runs: Annotated[list[Path], typer.Argument(help="Run directories (or results.json files).")],
+    out: Annotated[Path | None, typer.Option(help="Write the table here (.md or .csv).")] = None,
+) -> None:
+    """Compare runs' results.json side by side."""
+    from vlmdistill.io import atomic_write_text
+    from vlmdistill.report import comparison_rows, csv_text, load_results, markdown_table, rich_table
+
+    header, rows = comparison_rows(_run(load_results, runs))
+    console.print(rich_table(header, rows))
+    if out is not None:
+        atomic_write_text(out, csv_text(header, rows) if out.suffix == ".csv" else markdown_table(header, rows))
+        console.print(f"wrote {out}")
+
+
+@app.command()
+def describe(
+    labels: Annotated[Path, typer.Argument(help="label2text.txt, or a text file with one class name per line.")],
+    out: Annotated[Path, typer.Option(help="Output: .json {class: description} or chatgpt.txt (line-aligned).")],
+    base_url: Annotated[str, typer.Option(help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1.")] = (
+        "https://api.openai.com/v1"),
+    model: Annotated[str, typer.Option(help="Model name at that endpoint.")] = "gpt-4o-mini",
+    api_key_env: Annotated[str, typer.Option(help="Environment variable holding the API key.")] = "OPENAI_API_KEY",
+    prompt: Annotated[str, typer.Option(help="paper | succinct | detailed | distinct, or a custom instruction "
+                                             "containing {cls}.")] = "paper",
+    concurrency: Annotated[int, typer.Option(help="Requests in flight at most.")] = 4,
+    retries: Annotated[int, typer.Option(help="Retries per class on timeouts, 429, 5xx, bad answers.")] = 5,
+    cache_file: Annotated[Path | None, typer.Option("--cache", help="Resumable answer cache (JSONL); default "
+                                                                    "next to --out.")] = None,
+    teacher_config: Annotated[Path | None, typer.Option(help="Experiment YAML whose teacher's tokenizer checks "
+                                                             "that each prompt fits its context.")] = None,
+) -> None:
+    """Write one-sentence appearance descriptions per class with an LLM (the paper's chatgpt.txt)."""
+    from vlmdistill.text.describe import LLMEndpoint, describe_classes, write_chatgpt_txt, write_descriptions
+    from vlmdistill.text.labels import read_label_file
+
+    if labels.is_file() and all(len(x.split(" ")) == 3 for x in labels.read_text().splitlines() if x.strip()):
+        names = [c.name for c in _run(read_label_file, labels)]
+    else:
+        names = [x.strip() for x in labels.read_text().splitlines() if x.strip()]
+    count_tokens, context = None, 77
+    if teacher_config is not None:
+        from vlmdistill.teachers import load_teacher
+
+        teacher = _run(load_teacher, _load(teacher_config, []).teacher)
+        count_tokens, context = teacher.count_tokens, teacher.context_length
+    endpoint = LLMEndpoint(base_url=base_url, model=model, api_key_env=api_key_env)
+    result = describe_classes(
+        names, endpoint, prompt=prompt, cache_path=cache_file or out.with_suffix(".cache.jsonl"),
+        concurrency=concurrency, max_retries=retries, count_tokens=count_tokens, context_length=context,
+    )
+    if result.failed:
+        for name, why in list(result.failed.items())[:10]:
+            console.print(f"[red]failed[/] {name}: {why}")
+        console.print(f"[bold red]{len(result.failed)} classes failed[/]; answers so far are cached, re-run to retry")
+    for name, n in result.too_long.items():
+        console.print(f"[yellow]truncated[/] {name}: {n} tokens > {context}")
+    if not result.failed:
+        if out.suffix == ".json":
+            write_descriptions(result, out)
+        else:
+            write_chatgpt_txt(names, result, out)
+        console.print(f"wrote {out}: {len(result.descriptions)} descriptions "
+                      f"({result.requests_made} requests, {result.cache_hits} from cache)")
+    raise typer.Exit(1 if result.failed else 0)
+
+
+def run() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    app()

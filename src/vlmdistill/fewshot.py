@@ -1,0 +1,143 @@
+"""Few-shot adaptation of a distilled student to the OOD classes (paper §4.2, Table 10).
+
+Two methods, both scored on the OOD images that are not support images, over the OOD classes:
+- ``finetune``: continue training on ID-train ∪ K shots per OOD class, with balanced batches and a
+  OneCycle schedule, text embeddings of all classes (ID then OOD), the same loss terms as distillation;
+- ``retrieval``: training-free Tip-Adapter, a key/value cache of the support embeddings added to the
+  zero-shot text logits (student keys by default; the paper's code uses teacher keys).
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from vlmdistill.config import ExperimentConfig
+from vlmdistill.data.dataset import Split
+from vlmdistill.data.source import ImageSource
+from vlmdistill.data.views import render, sample_views
+from vlmdistill.evaluate import classification_metrics
+from vlmdistill.io import atomic_write_json, read_json
+from vlmdistill.jobs import RunError, load_student, teacher_embed
+from vlmdistill.train import Distiller, EvalSet, TrainSet, Workspace
+
+
+def select_support(split: Split, shots: int, seed: int, rule: str) -> list[int]:
+    """K images per class, by seed or (paper) the first K in sorted file-name order; one stays for testing."""
+    by_class: dict[int, list[int]] = {}
+    for i, label in enumerate(split.labels):
+        by_class.setdefault(label, []).append(i)
+    rng = random.Random(seed)
+    chosen: list[int] = []
+    for label in sorted(by_class):
+        idx = by_class[label]
+        k = min(shots, len(idx) - 1)
+        if k < 1:
+            cls = split.space.classes[label].dir
+            raise RunError(f"OOD class {cls} has {len(idx)} image(s): a few-shot run needs at least 2")
+        if rule == "first":
+            idx = sorted(idx, key=lambda i: split.records[i].path.name)
+            chosen += idx[:k]
+        else:
+            chosen += sorted(rng.sample(idx, k))
+    return chosen
+
+
+def fewshot_sets(distiller: Distiller, support: list[int]) -> tuple[TrainSet, EvalSet]:
+    """Train on ID-train + support (labels ID then OOD); evaluate OOD without the support images."""
+    ws = distiller.ws
+    ood = ws.dataset.ood_val
+    rest = sorted(set(range(len(ood))) - set(support))
+    base = distiller.train_set
+    n_id = distiller.n_id
+    ood_labels = torch.tensor(ood.labels, dtype=torch.long)
+    train = TrainSet(
+        source=base.source.concat(ws.ood_val.subset(support)),
+        labels=torch.cat([base.labels, ood_labels[support] + n_id]),
+        w=torch.cat([distiller.w_id, distiller.w_ood]).cpu(),
+        support=torch.arange(len(base.labels) + len(support)) >= len(base.labels),
+    )
+    e = distiller.eval_set
+    evals = EvalSet(e.id_source, e.id_labels, ws.ood_val.subset(rest), ood_labels[rest])
+    return train, evals
+
+
+def fewshot_config(cfg: ExperimentConfig, from_run: Path, method: str) -> ExperimentConfig:
+    f = cfg.fewshot
+    optim = cfg.optim.model_copy(update={"lr": f.lr, "epochs": f.epochs, "schedule": "onecycle",
+                                         "repeat_epochs": f.repeat_epochs or cfg.optim.repeat_epochs})
+    name = f"fewshot-{f.shots}shot-{method}"
+    return cfg.model_copy(update={"optim": optim, "output_dir": Path(from_run), "name": name})
+
+
+def finetune(cfg: ExperimentConfig, ws: Workspace, from_run: Path, support: list[int]) -> dict[str, Any]:
+    """The paper's few-shot finetuning, starting from the distilled weights with a fresh optimiser."""
+    ft_cfg = fewshot_config(cfg, from_run, "finetune")
+    base = Distiller(ft_cfg, ws)
+    train_set, eval_set = fewshot_sets(base, support)
+    distiller = Distiller(ft_cfg, ws, train_set, eval_set)
+    load_student(distiller, from_run)
+    return distiller.fit()
+
+
+@torch.no_grad()
+def tip_adapter(cfg: ExperimentConfig, ws: Workspace, from_run: Path, support: list[int]) -> dict[str, Any]:
+    """Training-free retrieval: logits = text_scale * cos(q, w) + alpha * exp(-beta (1 - cos(q, keys))) @ onehot."""
+    f = cfg.fewshot
+    distiller = Distiller(cfg, ws)
+    load_student(distiller, from_run)
+    _, eval_set = fewshot_sets(distiller, support)
+    shots = ws.ood_val.subset(support)
+    labels = torch.tensor(ws.dataset.ood_val.labels, dtype=torch.long)[support]
+    keys = F.normalize(_keys(cfg, ws, distiller, shots), dim=-1)
+    values = F.one_hot(labels, len(ws.dataset.ood_space)).float()
+    q, q_i = distiller.embed(eval_set.ood_source)
+    q = F.normalize(q, dim=-1)
+    logits = f.text_scale * q @ distiller.w_ood.cpu().T + f.alpha * torch.exp(-f.beta * (1 - q @ keys.T)) @ values
+    return {"ood": classification_metrics(logits, eval_set.ood_labels[q_i]),
+            "keys": f.keys, "alpha": f.alpha, "beta": f.beta, "text_scale": f.text_scale, "key_views": f.key_views}
+
+
+def _keys(cfg: ExperimentConfig, ws: Workspace, distiller: Distiller, shots: ImageSource) -> torch.Tensor:
+    """Support embeddings: the eval view plus ``key_views - 1`` random views, averaged per image."""
+    if cfg.fewshot.keys == "teacher":
+        base, _ = teacher_embed(cfg, ws, shots)
+        encode, size = ws.teacher.encode_images, ws.teacher.image_size
+    else:
+        base, _ = distiller.embed(shots)
+        distiller.student.eval()
+        encode, size = (lambda x: distiller.student(x.to(distiller.device)).cpu()), cfg.student.image_size
+    g = torch.Generator().manual_seed(cfg.seed)
+    total = F.normalize(base, dim=-1)
+    for _ in range(cfg.fewshot.key_views - 1):
+        feats = []
+        for batch in shots.batches(torch.arange(len(shots)), 256):
+            views = sample_views(len(batch.index), g, cfg.data.crop_scale, hflip=cfg.data.hflip)
+            feats.append(encode(render(batch.images, views, size)).float())
+        total = total + F.normalize(torch.cat(feats), dim=-1)
+    return total / cfg.fewshot.key_views
+
+
+def run_fewshot(cfg: ExperimentConfig, ws: Workspace, from_run: Path) -> dict[str, Any]:
+    """Every configured method; the summary also lands in the distilled run's results.json."""
+    from_run = Path(from_run)
+    rule = cfg.fewshot.selection
+    support = select_support(ws.dataset.ood_val, cfg.fewshot.shots, cfg.seed, rule)
+    out: dict[str, Any] = {"shots": cfg.fewshot.shots, "selection": rule, "support_images": len(support)}
+    if "finetune" in cfg.fewshot.methods:
+        res = finetune(cfg, ws, from_run, support)
+        out["finetune"] = {**res["metrics"], "run": str(from_run / f"fewshot-{cfg.fewshot.shots}shot-finetune")}
+    if "retrieval" in cfg.fewshot.methods:
+        out["retrieval"] = tip_adapter(cfg, ws, from_run, support)
+    results_path = from_run / "results.json"
+    if results_path.is_file():
+        results = read_json(results_path)
+        results["fewshot"] = out
+        atomic_write_json(results_path, results)
+    atomic_write_json(from_run / "fewshot.json", out)
+    return out
+

@@ -1,0 +1,88 @@
+"""Comparison tables over runs' results.json: on screen (rich), as Markdown and as CSV."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+COLUMNS = (
+    ("ID", ("metrics", "id", "mean_per_class_recall")),
+    ("OOD 0-shot", ("metrics", "ood", "mean_per_class_recall")),
+    ("OOD 0-shot acc1", ("metrics", "ood", "acc1")),
+    ("OOD few-shot", ("fewshot", "finetune", "ood", "mean_per_class_recall")),
+    ("GZSL H", ("metrics", "gzsl", "harmonic")),
+    ("M_rel train", ("analysis", "train", "m_rel")),
+    ("M_rel OOD", ("analysis", "ood", "m_rel")),
+    ("M_neigh@5 OOD", ("analysis", "ood", "m_neigh@5")),
+    ("M_vlalign@3 OOD", ("analysis", "ood", "m_vlalign@3")),
+    ("MSE OOD", ("analysis", "ood", "mse")),
+)
+
+
+class ReportError(ValueError):
+    pass
+
+
+def _get(obj: Any, path: tuple[str, ...]) -> Any:
+    for key in path:
+        if not isinstance(obj, dict) or key not in obj:
+            return None
+        obj = obj[key]
+    return obj
+
+
+def load_results(run_dirs: list[Path]) -> list[dict[str, Any]]:
+    out = []
+    for d in run_dirs:
+        path = Path(d) / "results.json" if Path(d).is_dir() else Path(d)
+        if not path.is_file():
+            raise ReportError(f"{path} does not exist; is {d} a run directory?")
+        try:
+            out.append(json.loads(path.read_text()))
+        except json.JSONDecodeError as err:
+            raise ReportError(f"{path} is not valid JSON ({err}); the run may have been interrupted") from err
+    return out
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "NA"
+    if isinstance(v, float):
+        return f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
+    return str(v)
+
+
+def comparison_rows(results: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    """Only the columns that at least one run has."""
+    cols = [(name, path) for name, path in COLUMNS if any(_get(r, path) is not None for r in results)]
+    header = ["run", *[name for name, _ in cols]]
+    rows = [[r.get("run", "?"), *[_get(r, path) for _, path in cols]] for r in results]
+    return header, rows
+
+
+def rich_table(header: list[str], rows: list[list[Any]], title: str = "") -> Table:
+    table = Table(title=title or None)
+    for i, h in enumerate(header):
+        table.add_column(h, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*[_fmt(v) for v in row])
+    return table
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def csv_text(header: list[str], rows: list[list[Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buf.getvalue()
