@@ -52,6 +52,16 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+_SCHEDULER_KEYS = ("last_epoch", "_step_count", "_last_lr")
+
+
+def _scheduler_position(scheduler: Any) -> dict[str, Any]:
+    """Only where the schedule is: its shape is rebuilt from the config (and some of its state, such as
+    MultiStepLR's milestone Counter, does not survive JSON)."""
+    state = scheduler.state_dict()
+    return {k: state[k] for k in _SCHEDULER_KEYS if k in state}
+
+
 def checkpoint_paths(run_dir: Path) -> tuple[Path, Path, Path]:
     d = Path(run_dir) / "checkpoints"
     return d / "last.safetensors", d / "last_state.safetensors", d / "last_state.json"
@@ -73,7 +83,12 @@ def save_checkpoint(
     atomic_save_tensors(state_t, tensors)
     atomic_write_json(
         state_j,
-        {"loop": asdict(loop), "optimizer": optim_meta, "scheduler": scheduler.state_dict(), "model": model_meta},
+        {
+            "loop": asdict(loop),
+            "optimizer": optim_meta,
+            "scheduler": _scheduler_position(scheduler),
+            "model": model_meta,
+        },
     )
 
 
@@ -96,7 +111,8 @@ def load_checkpoint(
     tensors = load_tensors(state_t)
     meta = read_json(state_j)
     optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
-    scheduler.load_state_dict(meta["scheduler"])
+    for key, value in meta["scheduler"].items():
+        setattr(scheduler, key, value)
     torch.set_rng_state(tensors["rng.torch"])
     return LoopState(**meta["loop"])
 

@@ -7,6 +7,7 @@ saves, so a run directory always says exactly what produced it.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Literal
 
@@ -242,14 +243,17 @@ def load_config(path: Path | None, overrides: list[str] | None = None) -> Experi
             raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
-    raw = apply_overrides(raw, overrides or [])
+    return validate_config(raw, overrides or [], str(path) if path is not None else "<overrides>")
+
+
+def validate_config(raw: dict[str, Any], overrides: list[str], where: str) -> ExperimentConfig:
+    """Apply overrides to a raw mapping (a copy) and validate it; errors name ``where`` and each bad key."""
+    raw = apply_overrides(copy.deepcopy(raw), overrides)
     try:
-        cfg = ExperimentConfig.model_validate(raw)
+        return ExperimentConfig.model_validate(raw)
     except ValidationError as err:
-        where = path if path is not None else "<overrides>"
         lines = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()]
         raise ConfigError(f"invalid config {where}:\n  " + "\n  ".join(lines)) from err
-    return cfg
 
 
 def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:

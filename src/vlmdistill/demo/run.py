@@ -1,0 +1,181 @@
+"""``vlmdistill demo``: the whole method offline, the paper's main variants side by side.
+
+World -> prepared dataset -> teacher (cached) -> one student per variant, distilled from the ID
+classes only -> zero-shot ID / OOD / generalized accuracy, 5-shot adaptation of the best variant, the
+analysis metrics, a report with plots, and a check of the paper's qualitative findings.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from vlmdistill.config import validate_config
+from vlmdistill.data.demo_world import ensure_world
+from vlmdistill.data.prepare import prepare
+from vlmdistill.demo.teacher import TeacherRecipe, train_teacher
+from vlmdistill.fewshot import run_fewshot
+from vlmdistill.io import atomic_write_json, read_json
+from vlmdistill.jobs import distill, evaluate_teacher
+from vlmdistill.progress import console
+from vlmdistill.train import Workspace, build_workspace
+
+BEST = ["loss.imcst.weight=1", "loss.vlalign.weight=1"]
+
+
+@dataclass(frozen=True)
+class Row:
+    key: str
+    label: str
+    overrides: tuple[str, ...]
+    fewshot: bool = False
+
+
+ROWS = (
+    Row("closed_set", "Closed-set (linear head on ID)", ("loss.closed_set=true",)),
+    Row("cls", "L_cls", ()),
+    Row("cls_mse", "L_cls + L_mse", ("loss.mse.weight=1",)),
+    Row("cls_imcst", "L_cls + L_im-cst", ("loss.imcst.weight=1",)),
+    Row("best", "L_cls + L_im-cst + L_vlalign (Tab.1 best)", tuple(BEST)),
+    Row("best_desc", "+ descriptions (Tab.5)", (*BEST, "text.use_descriptions=true"), fewshot=True),
+    Row("best_desc_paper", "+ descriptions, paper mode", (*BEST, "text.use_descriptions=true", "mode=paper")),
+)
+
+
+@dataclass(frozen=True)
+class DemoScale:
+    """World size and training length; ``quick`` is what the tests run."""
+
+    n_classes: int
+    images_per_class: int
+    corpus_per_class: int
+    image_size: int
+    teacher_epochs: int
+    student_epochs: int
+    fewshot_epochs: int
+
+    @classmethod
+    def full(cls) -> DemoScale:
+        return cls(120, 30, 40, 32, 30, 30, 10)
+
+    @classmethod
+    def quick(cls) -> DemoScale:
+        return cls(32, 12, 12, 32, 12, 4, 2)
+
+
+def base_config(out: Path, cache: Path, scale: DemoScale) -> dict[str, Any]:
+    """The packaged demo.yaml with this scale's training lengths and the demo's output folders."""
+    raw = yaml.safe_load(resources.files("vlmdistill.demo").joinpath("demo.yaml").read_text())
+    raw.update(output_dir=str(out), cache_dir=str(cache))
+    raw["optim"]["epochs"] = scale.student_epochs
+    raw["fewshot"]["epochs"] = scale.fewshot_epochs
+    raw["train"]["eval_every"] = min(raw["train"]["eval_every"], scale.student_epochs)
+    return raw
+
+
+def setup(cache: Path, scale: DemoScale, progress: bool) -> tuple[Path, Path, Path]:
+    """World, prepared dataset and trained teacher, each reused when already made with these parameters."""
+    tag = f"c{scale.n_classes}-i{scale.images_per_class}-k{scale.corpus_per_class}-s{scale.image_size}"
+    world = cache / "demo" / f"world-{tag}"
+    t0 = time.perf_counter()
+    ensure_world(world, seed=0, n_classes=scale.n_classes, images_per_class=scale.images_per_class,
+                 corpus_per_class=scale.corpus_per_class, image_size=scale.image_size)
+    data = cache / "demo" / f"data-{tag}"
+    if not (data / "prepare.json").is_file():
+        prepare(data, lists=world, images=world / "images")
+    console.print(f"world {world} ready ({time.perf_counter() - t0:.1f}s)")
+    t0 = time.perf_counter()
+    cfg_path, ckpt = train_teacher(world, cache / "demo" / f"teacher-{tag}-e{scale.teacher_epochs}",
+                                   scale.image_size, TeacherRecipe(epochs=scale.teacher_epochs), progress)
+    console.print(f"teacher {ckpt} ready ({time.perf_counter() - t0:.1f}s)")
+    return data, cfg_path, ckpt
+
+
+def run_demo(out: Path, cache: Path, quick: bool = False, seeds: int = 1, overrides: list[str] | None = None,
+             progress: bool = True) -> dict[str, Any]:
+    """Every row for every seed; one workspace (decoded images, teacher) serves them all."""
+    start = time.perf_counter()
+    scale = DemoScale.quick() if quick else DemoScale.full()
+    data, cfg_path, ckpt = setup(cache, scale, progress)
+    raw = base_config(out, cache, scale)
+    shared = [f"data.dir={data}", f"teacher.model_config={cfg_path}", f"teacher.checkpoint={ckpt}",
+              f"train.progress={str(progress).lower()}"]
+    per_seed: dict[str, list[dict[str, Any]]] = {}
+    ws: Workspace | None = None
+    for seed in range(seeds):
+        for row in ROWS:
+            cfg = validate_config(raw, [*shared, f"seed={seed}", f"name=seed{seed}/{row.key}", *row.overrides,
+                                        *(overrides or [])], f"demo row {row.key}")
+            # The world's images are square, so the paper row's squash equals our centre crop: one
+            # workspace of decoded images serves every row.
+            ws = ws or build_workspace(cfg)
+            if seed == 0 and row.key == "cls":
+                teacher_cfg = cfg.model_copy(update={"name": "teacher"})
+                per_seed["teacher"] = [evaluate_teacher(teacher_cfg, ws)]
+            console.print(f"[bold]seed {seed}[/] {row.label}")
+            res = distill(cfg, ws)
+            if row.fewshot:
+                res["fewshot"] = run_fewshot(cfg, ws, cfg.run_dir)
+            per_seed.setdefault(row.key, []).append(res)
+    summary = summarise(per_seed, scale, time.perf_counter() - start, seeds)
+    atomic_write_json(out / "results.json", summary)
+    return summary
+
+
+METRICS = {
+    "id": ("metrics", "id", "mean_per_class_recall"),
+    "ood": ("metrics", "ood", "mean_per_class_recall"),
+    "gzsl_h": ("metrics", "gzsl", "harmonic"),
+    "ood_5shot_finetune": ("fewshot", "finetune", "ood", "mean_per_class_recall"),
+    "ood_5shot_retrieval": ("fewshot", "retrieval", "ood", "mean_per_class_recall"),
+    "m_rel_train": ("analysis", "train", "m_rel"),
+    "m_rel_ood": ("analysis", "ood", "m_rel"),
+    "m_neigh5_ood": ("analysis", "ood", "m_neigh@5"),
+    "m_vlalign3_ood": ("analysis", "ood", "m_vlalign@3"),
+    "mse_ood": ("analysis", "ood", "mse"),
+    "angle_ood": ("analysis", "ood", "angle_deg"),
+}
+
+
+def _get(obj: Any, path: tuple[str, ...]) -> Any:
+    for key in path:
+        if not isinstance(obj, dict) or obj.get(key) is None:
+            return None
+        obj = obj[key]
+    return obj
+
+
+def summarise(per_seed: dict[str, list[dict[str, Any]]], scale: DemoScale, seconds: float, seeds: int) -> dict:
+    rows = {}
+    labels = {"teacher": "Teacher zero-shot", **{r.key: r.label for r in ROWS}}
+    for key, runs in per_seed.items():
+        stats = {}
+        for name, path in METRICS.items():
+            values = [v for v in (_get(r, path) for r in runs) if v is not None]
+            if values:
+                stats[name] = {"mean": statistics.fmean(values),
+                               "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+        rows[key] = {"label": labels[key], "metrics": stats,
+                     "runs": [r.get("run") for r in runs], "params": {
+                         "teacher": runs[0]["teacher"]["params"],
+                         "student": (runs[0].get("student") or {}).get("params")}}
+    return {"scale": scale.__dict__, "seeds": seeds, "seconds": round(seconds, 1), "rows": rows,
+            "machine": _machine()}
+
+
+def _machine() -> str:
+    import os
+    import platform
+
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def load_summary(out: Path) -> dict[str, Any]:
+    return read_json(out / "results.json")
