@@ -66,7 +66,7 @@ def test_teacher_id_changes_with_weights(open_clip_teacher_files: tuple[Path, Pa
 
 
 def test_pretrained_tag_offline_gives_clear_error() -> None:
-    with pytest.raises(TeacherLoadError, match="teacher.checkpoint"):
+    with pytest.raises(TeacherLoadError, match=r"teacher\.checkpoint"):
         load_teacher(TeacherConfig(name="ViT-B-32", pretrained="openai", device="cpu"))
 
 

@@ -33,8 +33,12 @@ def teacher_embed(cfg: ExperimentConfig, ws: Workspace, source: ImageSource) -> 
     )
 
 
-def evaluate_teacher(cfg: ExperimentConfig, ws: Workspace) -> dict[str, Any]:
-    """The teacher's own zero-shot numbers under the same protocol and prompts as the student's."""
+def evaluate_teacher(cfg: ExperimentConfig, ws: Workspace, out_dir: Path | None = None) -> dict[str, Any]:
+    """The teacher's own zero-shot numbers under the same protocol and prompts as the student's.
+
+    Written to ``out_dir`` (default ``<run>/teacher``) so a trained run's own results are never replaced.
+    """
+    out_dir = Path(out_dir) if out_dir is not None else cfg.run_dir / "teacher"
     w_id, w_ood = class_texts(cfg, ws)
     id_f, id_i = teacher_embed(cfg, ws, ws.id_val)
     ood_f, ood_i = teacher_embed(cfg, ws, ws.ood_val)
@@ -42,7 +46,8 @@ def evaluate_teacher(cfg: ExperimentConfig, ws: Workspace) -> dict[str, Any]:
     ood_y = torch.tensor(ws.dataset.ood_val.labels, dtype=torch.long)[ood_i]
     metrics = zero_shot_metrics(id_f, id_y, ood_f, ood_y, w_id, w_ood)
     results = {
-        "run": cfg.name,
+        "run": f"{cfg.name} (teacher)",
+        "run_dir": str(out_dir),
         "mode": cfg.mode,
         "teacher_only": True,
         "teacher": {"id": ws.teacher.id, "description": ws.teacher.description,
@@ -51,8 +56,8 @@ def evaluate_teacher(cfg: ExperimentConfig, ws: Workspace) -> dict[str, Any]:
         "metrics": metrics,
         "config": config_to_dict(cfg),
     }
-    save_config(cfg, cfg.run_dir / "config.yaml")
-    atomic_write_json(cfg.run_dir / "results.json", results)
+    save_config(cfg, out_dir / "config.yaml")
+    atomic_write_json(out_dir / "results.json", results)
     return results
 
 

@@ -17,7 +17,11 @@ from vlmdistill.config import LossConfig
 
 @dataclass
 class LossInputs:
-    """One batch. ``s``/``t``/``w`` are unit vectors; the raw ones feed the unnormalised MSE variant."""
+    """One batch. ``s``/``t``/``w`` are unit vectors; the raw ones feed the unnormalised MSE variant.
+
+    Teacher-side quantities are constants of the loss: every term detaches them, so a learnable prompt
+    (or an online teacher) never receives gradient through the teacher's distribution.
+    """
 
     s: torch.Tensor
     y: torch.Tensor
@@ -57,8 +61,8 @@ class MseLoss(nn.Module):
 
     def forward(self, x: LossInputs) -> torch.Tensor:
         if self.normalized:
-            return (x.s - x.t).pow(2).sum(1).mean()
-        return torch.log1p((x.s_raw - x.t_raw).pow(2).sum(1).mean() / 10)
+            return (x.s - x.t.detach()).pow(2).sum(1).mean()
+        return torch.log1p((x.s_raw - x.t_raw.detach()).pow(2).sum(1).mean() / 10)
 
 
 class ImageContrastiveLoss(nn.Module):
@@ -70,7 +74,7 @@ class ImageContrastiveLoss(nn.Module):
         self.mode = mode
 
     def forward(self, x: LossInputs) -> torch.Tensor:
-        logits = x.s @ x.t.T / self.temperature
+        logits = x.s @ x.t.detach().T / self.temperature
         target = torch.arange(len(logits), device=logits.device)
         loss = F.cross_entropy(logits, target)
         if self.mode == "bidirectional":
@@ -93,7 +97,7 @@ class VlAlignLoss(nn.Module):
 
     def forward(self, x: LossInputs) -> torch.Tensor:
         z = x.s @ x.w.T / self.temperature
-        u = x.t @ x.w.T / self.temperature
+        u = (x.t @ x.w.T).detach() / self.temperature
         if self.filter:
             keep = u.argmax(1) == x.y
             if not keep.any():
@@ -115,7 +119,7 @@ class LogitKdLoss(nn.Module):
 
     def forward(self, x: LossInputs) -> torch.Tensor:
         scale = self.temperature * self.kd_temperature
-        log_pt = F.log_softmax(x.t @ x.w.T / scale, dim=1)
+        log_pt = F.log_softmax((x.t @ x.w.T).detach() / scale, dim=1)
         log_ps = F.log_softmax(x.s @ x.w.T / scale, dim=1)
         return self.kd_temperature**2 * (log_pt.exp() * (log_pt - log_ps)).sum(1).mean()
 

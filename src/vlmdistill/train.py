@@ -341,6 +341,7 @@ class Distiller:
         tail = history[-self.cfg.train.average_last :]
         return {
             "run": self.cfg.name,
+            "run_dir": str(self.cfg.run_dir),
             "mode": self.cfg.mode,
             "complete": complete,
             "teacher": {"id": self.ws.teacher.id, "description": self.ws.teacher.description,

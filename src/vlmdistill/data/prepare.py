@@ -106,6 +106,8 @@ def from_csv(csv_path: Path) -> tuple[dict[str, list[Path]], dict[str, str], dic
             if not label or not row["path"]:
                 raise DatasetError(f"{csv_path}:{n}: empty path or label")
             path = (csv_path.parent / row["path"].strip()).resolve()
+            if not path.is_file():
+                raise DatasetError(f"{csv_path}:{n}: image {row['path'].strip()} does not exist (looked for {path})")
             d = _safe_dir(label)
             names[d] = label
             images[d].append(path)

@@ -17,15 +17,21 @@ from typing import Any
 import torch
 import yaml
 
-from vlmdistill.config import validate_config
+from vlmdistill.config import load_config, validate_config
 from vlmdistill.data.demo_world import ensure_world
 from vlmdistill.data.prepare import prepare
+from vlmdistill.demo.report import (
+    plot_embeddings,
+    plot_ood_by_variant,
+    plot_training_curves,
+    write_report,
+)
 from vlmdistill.demo.teacher import TeacherRecipe, train_teacher
 from vlmdistill.fewshot import run_fewshot
 from vlmdistill.io import atomic_write_json, read_json
-from vlmdistill.jobs import distill, evaluate_teacher
+from vlmdistill.jobs import distill, evaluate_teacher, load_student, teacher_embed
 from vlmdistill.progress import console
-from vlmdistill.train import Workspace, build_workspace
+from vlmdistill.train import Distiller, Workspace, build_workspace
 
 BEST = ["loss.imcst.weight=1", "loss.vlalign.weight=1"]
 
@@ -117,16 +123,59 @@ def run_demo(out: Path, cache: Path, quick: bool = False, seeds: int = 1, overri
             # workspace of decoded images serves every row.
             ws = ws or build_workspace(cfg)
             if seed == 0 and row.key == "cls":
-                teacher_cfg = cfg.model_copy(update={"name": "teacher"})
-                per_seed["teacher"] = [evaluate_teacher(teacher_cfg, ws)]
+                per_seed["teacher"] = [evaluate_teacher(cfg, ws, out / "teacher")]
             console.print(f"[bold]seed {seed}[/] {row.label}")
             res = distill(cfg, ws)
             if row.fewshot:
                 res["fewshot"] = run_fewshot(cfg, ws, cfg.run_dir)
             per_seed.setdefault(row.key, []).append(res)
+        if seed == 0:
+            _plots(out, ws, per_seed)
     summary = summarise(per_seed, scale, time.perf_counter() - start, seeds)
+    summary["latency_ms"], summary["params"]["teacher_image"] = _latency(ws, cfg)
     atomic_write_json(out / "results.json", summary)
+    plot_ood_by_variant(summary, out / "ood_by_variant.png")
+    write_report(summary, out)
     return summary
+
+
+def _plots(out: Path, ws: Workspace, per_seed: dict[str, list[dict[str, Any]]]) -> None:
+    """Training curves of every row, and teacher-vs-student OOD embeddings for L_cls and the best row."""
+    histories = {key: runs[0]["history"] for key, runs in per_seed.items() if runs and runs[0].get("history")}
+    plot_training_curves(histories, out / "training_curves.png")
+    students = {}
+    for key in ("cls", "best_desc"):
+        cfg = load_config(Path(per_seed[key][0]["run_dir"]) / "config.yaml")
+        distiller = Distiller(cfg, ws)
+        load_student(distiller, cfg.run_dir)
+        students[key], _ = distiller.embed(ws.ood_val)
+    teacher, _ = teacher_embed(cfg, ws, ws.ood_val)
+    labels = torch.tensor(ws.dataset.ood_val.labels)
+    plot_embeddings(teacher, students, labels, out / "embeddings_2d.png")
+
+
+def _latency(ws: Workspace, cfg: Any) -> tuple[dict[str, float], int]:
+    """Median per-image CPU latency (batch 1) of the student and of the teacher's image tower."""
+    from vlmdistill.students import count_parameters, create_student
+
+    student = create_student(cfg.student, ws.teacher.embed_dim).eval()
+    x = torch.rand(1, 3, cfg.student.image_size, cfg.student.image_size)
+    tx = torch.rand(1, 3, ws.teacher.image_size, ws.teacher.image_size)
+    visual = ws.teacher.model.visual.cpu()
+
+    def median_ms(fn: Any) -> float:
+        with torch.no_grad():
+            for _ in range(5):
+                fn()
+            times = []
+            for _ in range(30):
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1000)
+        return statistics.median(times)
+
+    latency = {"student": median_ms(lambda: student(x)), "teacher": median_ms(lambda: visual(tx))}
+    return latency, count_parameters(visual)
 
 
 METRICS = {

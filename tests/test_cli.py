@@ -1,0 +1,70 @@
+"""The command line as users meet it: help texts, a prepare -> train -> eval -> compare round trip, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from vlmdistill.cli import app
+
+VERBS = ("prepare", "train", "eval", "fewshot", "cache", "compare", "describe", "demo")
+
+
+def test_help_lists_every_verb() -> None:
+    out = CliRunner().invoke(app, ["--help"])
+    assert out.exit_code == 0
+    for verb in VERBS:
+        assert verb in out.output
+
+
+@pytest.mark.parametrize("verb", VERBS)
+def test_each_verb_explains_its_options(verb: str) -> None:
+    out = CliRunner().invoke(app, [verb, "--help"])
+    assert out.exit_code == 0
+    assert "Usage" in out.output and len(out.output) > 200
+
+
+def test_prepare_train_eval_compare(
+    raw_images: Path, open_clip_teacher_files: tuple[Path, Path], tmp_path: Path, base_overrides: list[str]
+) -> None:
+    runner = CliRunner()
+    data = tmp_path / "data"
+    res = runner.invoke(app, ["prepare", str(data), "--images", str(raw_images), "--seed", "3"])
+    assert res.exit_code == 0, res.output
+    assert (data / "train_data.txt").is_file() and (data / "label2text.txt").is_file()
+    cfg = tmp_path / "exp.yaml"
+    overrides = [o for o in base_overrides if not o.startswith("data.dir=")]
+    cfg.write_text(yaml.safe_dump({"name": "cli", "data": {"dir": str(data)}}))
+    res = runner.invoke(app, ["train", str(cfg), *overrides, "optim.epochs=1", "loss.mse.weight=1"])
+    assert res.exit_code == 0, res.output
+    run = tmp_path / "runs" / "cli"
+    trained = json.loads((run / "results.json").read_text())
+    res = runner.invoke(app, ["eval", str(cfg), *overrides, "optim.epochs=1", "loss.mse.weight=1"])
+    assert res.exit_code == 0, res.output
+    again = json.loads((run / "eval.json").read_text())
+    assert again["metrics"]["ood"] == trained["metrics"]["ood"]
+    res = runner.invoke(app, ["eval", str(cfg), *overrides, "--teacher-only"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((run / "teacher" / "results.json").read_text())["teacher_only"] is True
+    table = tmp_path / "cmp.md"
+    res = runner.invoke(app, ["compare", str(run), str(run / "teacher"), "--out", str(table)])
+    assert res.exit_code == 0, res.output
+    assert "OOD 0-shot" in table.read_text()
+
+
+def test_user_errors_are_one_line_with_exit_code_2(tmp_path: Path) -> None:
+    runner = CliRunner()
+    res = runner.invoke(app, ["train", str(tmp_path / "missing.yaml")])
+    assert res.exit_code == 2 and "missing.yaml" in res.output
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: {lrr: 0.1}\n")
+    res = runner.invoke(app, ["train", str(bad)])
+    assert res.exit_code == 2 and "lrr" in res.output
+    res = runner.invoke(app, ["train", str(bad), "optim.lr"])
+    assert res.exit_code == 2 and "key=value" in res.output
+    res = runner.invoke(app, ["prepare", str(tmp_path / "o"), "--images", str(tmp_path / "nothing")])
+    assert res.exit_code == 2 and "nothing" in res.output

@@ -1,0 +1,29 @@
+"""`vlmdistill demo --quick`: the whole offline job end to end, with its report and plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from vlmdistill.cli import app
+
+
+def test_quick_demo_writes_report(tmp_path: Path) -> None:
+    out = tmp_path / "runs"
+    res = CliRunner().invoke(app, ["demo", "--quick", "--out", str(out), "--cache-dir", str(tmp_path / "cache")])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "results.json").read_text())
+    rows = summary["rows"]
+    assert {"teacher", "closed_set", "cls", "cls_mse", "cls_imcst", "best", "best_desc", "best_desc_paper"} <= set(rows)
+    assert "ood" not in rows["closed_set"]["metrics"]
+    assert "ood_5shot_finetune" in rows["best_desc"]["metrics"]
+    assert "ood_5shot_retrieval" in rows["best_desc"]["metrics"]
+    assert "m_rel_ood" in rows["best"]["metrics"]
+    assert summary["params"]["student"] < summary["params"]["teacher_image"]
+    report = (out / "report.md").read_text()
+    assert "The paper's findings, checked" in report
+    for png in ("ood_by_variant.png", "training_curves.png", "embeddings_2d.png"):
+        assert (out / png).stat().st_size > 1000
+    assert (out / "seed0" / "best" / "checkpoints" / "last.safetensors").is_file()
