@@ -69,6 +69,7 @@ class TextConfig(_Strict):
     description_template: str = "a photo of {name} . {description}"
     use_descriptions: bool = False
     descriptions: Path | None = None
+    captions: Path | None = None
 
 
 class LossTerm(_Strict):
@@ -92,6 +93,10 @@ class KdTerm(LossTerm):
     temperature: float = 1.0
 
 
+class CapTerm(LossTerm):
+    temperature: float = 1.0
+
+
 class LossConfig(_Strict):
     """Weighted sum of named terms; a weight of 0 disables a term (it is not even computed)."""
 
@@ -101,6 +106,7 @@ class LossConfig(_Strict):
     imcst: ImCstTerm = Field(default_factory=ImCstTerm)
     vlalign: VlAlignTerm = Field(default_factory=VlAlignTerm)
     kd: KdTerm = Field(default_factory=KdTerm)
+    cap: CapTerm = Field(default_factory=CapTerm)
     closed_set: bool = False
 
 
@@ -193,9 +199,11 @@ class ExperimentConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> ExperimentConfig:
-        terms = [self.loss.cls, self.loss.mse, self.loss.imcst, self.loss.vlalign, self.loss.kd]
+        terms = [self.loss.cls, self.loss.mse, self.loss.imcst, self.loss.vlalign, self.loss.kd, self.loss.cap]
         if not self.loss.closed_set and all(t.weight == 0 for t in terms):
-            raise ValueError("every loss weight is 0: enable at least one of loss.{cls,mse,imcst,vlalign,kd}")
+            raise ValueError("every loss weight is 0: enable at least one of loss.{cls,mse,imcst,vlalign,kd,cap}")
+        if self.loss.cap.weight and self.text.captions is None:
+            raise ValueError("loss.cap needs text.captions: a JSONL or CSV file of (path, caption) per training image")
         if self.loss.vlalign.weight and self.loss.vlalign.k < 1:
             raise ValueError("loss.vlalign.k must be >= 1")
         return self

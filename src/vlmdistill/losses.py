@@ -1,4 +1,4 @@
-"""The loss terms of the paper (its eq. 1-6) plus plain logit KD, each a small module with one signature.
+"""The loss terms of the paper (its eq. 1-8) plus plain logit KD, each a small module with one signature.
 
 Every term takes the same ``LossInputs`` and returns a scalar. ``Objective`` sums the enabled terms
 with their config weights and returns the named values, so logs and ablations see each term.
@@ -29,6 +29,7 @@ class LossInputs:
     t: torch.Tensor | None = None
     s_raw: torch.Tensor | None = None
     t_raw: torch.Tensor | None = None
+    c: torch.Tensor | None = None
 
 
 class ClsLoss(nn.Module):
@@ -124,6 +125,25 @@ class LogitKdLoss(nn.Module):
         return self.kd_temperature**2 * (log_pt.exp() * (log_pt - log_ps)).sum(1).mean()
 
 
+class CaptionLoss(nn.Module):
+    """L_cap (eq. 8): each image's student embedding picks its own caption among the batch's captions.
+
+    Captions of other images of the same class are masked out (they are not negatives). The official
+    code uses no temperature (``temperature=1``); the paper writes /tau.
+    """
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        super().__init__()
+        self.temperature = temperature
+
+    def forward(self, x: LossInputs) -> torch.Tensor:
+        logits = x.s @ x.c.detach().T / self.temperature
+        same = x.y.unsqueeze(0) == x.y.unsqueeze(1)
+        same.fill_diagonal_(False)
+        logits = logits.masked_fill(same, float("-inf"))
+        return F.cross_entropy(logits, torch.arange(len(logits), device=logits.device))
+
+
 class Objective(nn.Module):
     """Weighted sum of the enabled terms; ``needs_teacher`` tells the trainer whether to fetch targets."""
 
@@ -139,6 +159,7 @@ class Objective(nn.Module):
                 "imcst": (ImageContrastiveLoss(tau, cfg.imcst.mode), cfg.imcst.weight),
                 "vlalign": (VlAlignLoss(tau, cfg.vlalign.k, cfg.vlalign.filter), cfg.vlalign.weight),
                 "kd": (LogitKdLoss(tau, cfg.kd.temperature), cfg.kd.weight),
+                "cap": (CaptionLoss(cfg.cap.temperature), cfg.cap.weight),
             }
             terms = {k: v for k, v in candidates.items() if v[1] != 0}
         self.terms = nn.ModuleDict({k: m for k, (m, _) in terms.items()})

@@ -32,6 +32,7 @@ from vlmdistill.students import Student, count_parameters, create_student
 from vlmdistill.targets.store import TargetStore, ViewRecipe, open_store
 from vlmdistill.teachers import Teacher, load_teacher
 from vlmdistill.teachers.base import resolve_device
+from vlmdistill.text.captions import captions_for, read_captions
 from vlmdistill.text.textbank import embed_texts
 
 log = logging.getLogger(__name__)
@@ -159,6 +160,7 @@ class Distiller:
         self.train_set = train_set or default_train
         self.eval_set = eval_set or default_eval
         self.w_train = self.train_set.w.to(self.device)
+        self.captions = self._caption_features() if cfg.loss.cap.weight and not cfg.loss.closed_set else None
         self.n_id = len(ws.dataset.id_space)
         self.closed_set = cfg.loss.closed_set
         out_dim = len(ws.dataset.id_space) + len(ws.dataset.ood_space) if self.closed_set else ws.teacher.embed_dim
@@ -167,6 +169,12 @@ class Distiller:
         self.per_batch = cfg.data.augment_per == "batch"
         self.store: TargetStore | None = None
         self.online_teacher = False
+
+    def _caption_features(self) -> torch.Tensor:
+        """Teacher text embeddings of each training image's caption (for L_cap), cached like class texts."""
+        path = self.cfg.text.captions
+        texts = captions_for(self.train_set.source.records, read_captions(path), path)
+        return embed_texts(self.ws.teacher, texts, self.cfg.cache_dir)
 
     # ----------------------------------------------------------------- teacher targets
     def _prepare_targets(self) -> None:
@@ -212,6 +220,7 @@ class Distiller:
             t=F.normalize(t_raw, dim=-1) if t_raw is not None else None,
             s_raw=s_raw,
             t_raw=t_raw,
+            c=self.captions[index].to(self.device) if self.captions is not None else None,
         )
         loss, named = self.objective(inputs)
         optimizer.zero_grad(set_to_none=True)
