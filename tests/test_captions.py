@@ -47,7 +47,7 @@ def test_read_and_match_captions(prepared: Path, tmp_path: Path) -> None:
         captions_for(records, read_captions(csv_path), csv_path)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"path": "x.png"}\n')
-    with pytest.raises(LabelFileError, match="bad.jsonl:1"):
+    with pytest.raises(LabelFileError, match=r"bad\.jsonl:1"):
         read_captions(bad)
 
 
@@ -70,5 +70,5 @@ def test_training_with_captions(prepared: Path, base_overrides: list[str], tmp_p
 def test_cap_weight_without_captions_is_rejected(base_overrides: list[str]) -> None:
     from vlmdistill.config import ConfigError
 
-    with pytest.raises(ConfigError, match="text.captions"):
+    with pytest.raises(ConfigError, match=r"text\.captions"):
         load_config(None, [*base_overrides, "loss.cap.weight=1"])
