@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from vlmdistill.cli import app
 
-VERBS = ("prepare", "train", "eval", "fewshot", "cache", "compare", "describe", "demo")
+VERBS = ("prepare", "train", "eval", "fewshot", "cache", "compare", "describe", "demo", "text-stats")
 
 
 def test_help_lists_every_verb() -> None:
@@ -68,3 +68,14 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "key=value" in res.output
     res = runner.invoke(app, ["prepare", str(tmp_path / "o"), "--images", str(tmp_path / "nothing")])
     assert res.exit_code == 2 and "nothing" in res.output
+
+
+def test_text_stats_reports_both_recipes(base_overrides: list[str], tmp_path: Path) -> None:
+    out = tmp_path / "text"
+    res = CliRunner().invoke(app, ["text-stats", "-", *base_overrides, "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    stats = json.loads((out / "text_stats.json").read_text())
+    assert set(stats["ood"]) == {"plain", "descriptions"}
+    for recipe in stats["ood"].values():
+        assert -1.0 <= recipe["mean_pairwise_cosine"] <= 1.0
+    assert (out / "text_spectrum_ood.png").stat().st_size > 1000

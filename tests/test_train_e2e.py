@@ -40,3 +40,18 @@ def test_fewshot_finetune_and_retrieval(base_overrides: list[str]) -> None:
     saved = json.loads((cfg.run_dir / "results.json").read_text())
     ft = out["finetune"]["ood"]["mean_per_class_recall"]
     assert saved["fewshot"]["finetune"]["ood"]["mean_per_class_recall"] == ft
+
+
+def test_continual_fewshot_reports_both_halves(base_overrides: list[str]) -> None:
+    from vlmdistill.fewshot import run_fewshot
+    from vlmdistill.train import build_workspace
+
+    cfg = load_config(None, [*base_overrides, "name=cont", "optim.epochs=1", "fewshot.shots=2", "fewshot.epochs=1",
+                             "fewshot.methods=[]", "fewshot.continual=true", "train.analysis=false"])
+    ws = build_workspace(cfg)
+    train(cfg, ws)
+    c = run_fewshot(cfg, ws, cfg.run_dir)["continual"]
+    half1, half2 = c["halves"]
+    assert set(half1).isdisjoint(half2) and len(half1) + len(half2) == len(ws.dataset.ood_space)
+    assert c["support_images"] == 2 * len(half1)
+    assert set(c["before"]) == set(c["after"]) == {"ood1", "ood2"}

@@ -29,7 +29,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-ConfigArg = Annotated[Path, typer.Argument(help="Experiment YAML file (see configs/).", exists=False)]
+ConfigArg = Annotated[Path, typer.Argument(help="Experiment YAML file (see configs/); '-' for none (defaults "
+                                                "plus overrides).", exists=False)]
 Overrides = Annotated[
     list[str] | None, typer.Argument(help="key=value overrides, e.g. optim.lr=0.01 loss.imcst.weight=1")
 ]
@@ -79,7 +80,7 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug lo
 def _load(config: Path | None, overrides: list[str] | None) -> ExperimentConfig:
     from vlmdistill.config import load_config
 
-    return _run(load_config, config, overrides or [])
+    return _run(load_config, None if str(config) == "-" else config, overrides or [])
 
 
 @app.command()
@@ -153,6 +154,8 @@ def fewshot(
                                                                  "(default output_dir/name).")] = None,
     shots: Annotated[int | None, typer.Option(help="Images per OOD class (default fewshot.shots).")] = None,
     method: Annotated[list[str] | None, typer.Option(help="finetune and/or retrieval (default both).")] = None,
+    continual: Annotated[bool, typer.Option(help="Also the paper's continual setting: adapt on half of the OOD "
+                                                 "classes, score both halves.")] = False,
 ) -> None:
     """Adapt a distilled student to the OOD classes from K images each: finetune and Tip-Adapter retrieval."""
     from vlmdistill.fewshot import run_fewshot
@@ -161,6 +164,8 @@ def fewshot(
     extra = [f"fewshot.shots={shots}"] if shots is not None else []
     if method:
         extra.append(f"fewshot.methods=[{','.join(method)}]")
+    if continual:
+        extra.append("fewshot.continual=true")
     cfg = _load(config, [*(overrides or []), *extra])
     ws = _run(build_workspace, cfg)
     out = _run(run_fewshot, cfg, ws, from_run or cfg.run_dir)
@@ -169,6 +174,9 @@ def fewshot(
             ood = out[name]["ood"]
             console.print(f"{out['shots']}-shot {name}: OOD mean per-class {ood['mean_per_class_recall']:.2f}% "
                           f"(acc1 {ood['acc1']:.2f}%, {ood['n_images']} images)")
+    if "continual" in out:
+        c = out["continual"]
+        console.print(f"continual: before {c['before']}, after adapting on half 1: {c['after']}")
 
 
 @app.command()
@@ -204,6 +212,27 @@ def cache(config: ConfigArg, overrides: Overrides = None) -> None:
     store = _run(open_store, ws.teacher, ws.train, recipe, cfg.cache_dir, cfg.train.progress)
     console.print(f"target store: {len(store.valid)} images x {store.n_views} views -> "
                   f"{store_path(cfg.cache_dir, store.key)}")
+
+
+@app.command("text-stats")
+def text_stats(
+    config: ConfigArg,
+    overrides: Overrides = None,
+    out: Annotated[Path | None, typer.Option(help="Folder for text_stats.json and the spectrum plots "
+                                                  "(default <run>/text).")] = None,
+) -> None:
+    """Spread of the class text embeddings per prompt recipe: mean pairwise cosine and SVD spectrum."""
+    from vlmdistill.jobs import text_diagnostics
+    from vlmdistill.train import build_workspace
+
+    cfg = _load(config, overrides)
+    ws = _run(build_workspace, cfg)
+    target = out or cfg.run_dir / "text"
+    stats = _run(text_diagnostics, cfg, ws, target)
+    for split, recipes in stats.items():
+        for recipe, v in recipes.items():
+            console.print(f"{split:>3} {recipe:<12} mean pairwise cosine {v['mean_pairwise_cosine']:.4f}")
+    console.print(f"plots and text_stats.json in {target}")
 
 
 @app.command()

@@ -157,6 +157,7 @@ class FewShotConfig(_Strict):
     keys: Literal["student", "teacher"] = "student"
     text_scale: float = 100.0
     key_views: int = 1
+    continual: bool = False
 
 
 PAPER_MODE: dict[str, dict[str, Any]] = {

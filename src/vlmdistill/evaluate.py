@@ -79,10 +79,15 @@ def zero_shot_metrics(
 
 
 def closed_set_metrics(
-    id_logits: torch.Tensor, id_labels: torch.Tensor, ood_logits: torch.Tensor, ood_labels: torch.Tensor, n_id: int
+    id_logits: torch.Tensor,
+    id_labels: torch.Tensor,
+    ood_logits: torch.Tensor,
+    ood_labels: torch.Tensor,
+    n_id: int,
+    ood_trained: bool,
 ) -> dict[str, dict[str, float] | None]:
-    """The closed-set baseline: ID over its ID slice; OOD only after few-shot (its OOD slice), else NA."""
+    """The closed-set baseline: ID over its ID slice; OOD (its OOD slice) only after few-shot, else NA."""
     out: dict[str, dict[str, float] | None] = {"id": classification_metrics(id_logits[:, :n_id], id_labels)}
-    out["ood"] = classification_metrics(ood_logits[:, n_id:], ood_labels) if ood_logits.shape[1] > n_id else None
+    out["ood"] = classification_metrics(ood_logits[:, n_id:], ood_labels) if ood_trained else None
     out["gzsl"] = None
     return out

@@ -5,6 +5,7 @@ Two methods, both scored on the OOD images that are not support images, over the
   OneCycle schedule, text embeddings of all classes (ID then OOD), the same loss terms as distillation;
 - ``retrieval``: training-free Tip-Adapter, a key/value cache of the support embeddings added to the
   zero-shot text logits (student keys by default; the paper's code uses teacher keys).
+``continual`` (Table 11) adapts on half of the OOD classes and scores both halves before and after.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from vlmdistill.config import ExperimentConfig
 from vlmdistill.data.dataset import Split
 from vlmdistill.data.source import ImageSource
 from vlmdistill.data.views import render, sample_views
-from vlmdistill.evaluate import classification_metrics
+from vlmdistill.evaluate import classification_metrics, mean_per_class_recall
 from vlmdistill.io import atomic_write_json, read_json
 from vlmdistill.jobs import RunError, load_student, teacher_embed
 from vlmdistill.train import Distiller, EvalSet, TrainSet, Workspace
@@ -74,14 +75,49 @@ def fewshot_config(cfg: ExperimentConfig, from_run: Path, method: str) -> Experi
     return cfg.model_copy(update={"optim": optim, "output_dir": Path(from_run), "name": name})
 
 
-def finetune(cfg: ExperimentConfig, ws: Workspace, from_run: Path, support: list[int]) -> dict[str, Any]:
+def finetune(
+    cfg: ExperimentConfig, ws: Workspace, from_run: Path, support: list[int], method: str = "finetune"
+) -> tuple[dict[str, Any], Distiller]:
     """The paper's few-shot finetuning, starting from the distilled weights with a fresh optimiser."""
-    ft_cfg = fewshot_config(cfg, from_run, "finetune")
+    ft_cfg = fewshot_config(cfg, from_run, method)
     base = Distiller(ft_cfg, ws)
     train_set, eval_set = fewshot_sets(base, support)
     distiller = Distiller(ft_cfg, ws, train_set, eval_set)
     load_student(distiller, from_run)
-    return distiller.fit()
+    return distiller.fit(), distiller
+
+
+def _per_half(distiller: Distiller, halves: list[set[int]]) -> dict[str, float]:
+    """OOD recall over all OOD classes, reported separately for the images of each half of the classes."""
+    e = distiller.eval_set
+    feats, idx = distiller.embed(e.ood_source)
+    labels = e.ood_labels[idx]
+    pred = (F.normalize(feats, dim=-1) @ distiller.w_ood.cpu().T).argmax(1)
+    out = {}
+    for i, half in enumerate(halves, start=1):
+        mask = torch.tensor([int(y) in half for y in labels])
+        out[f"ood{i}"] = mean_per_class_recall(pred[mask], labels[mask])
+    return out
+
+
+def run_continual(cfg: ExperimentConfig, ws: Workspace, from_run: Path) -> dict[str, Any]:
+    """Paper Table 11: adapt on half of the OOD classes, then score both halves (before and after)."""
+    n_ood = len(ws.dataset.ood_space)
+    order = torch.randperm(n_ood, generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    halves = [set(order[: (n_ood + 1) // 2]), set(order[(n_ood + 1) // 2 :])]
+    support_all = select_support(ws.dataset.ood_val, cfg.fewshot.shots, cfg.seed, cfg.fewshot.selection)
+    support = [i for i in support_all if ws.dataset.ood_val.labels[i] in halves[0]]
+    before = Distiller(cfg, ws)
+    load_student(before, from_run)
+    _, before.eval_set = fewshot_sets(before, support)
+    _, after = finetune(cfg, ws, from_run, support, method="continual")
+    names = ws.dataset.ood_space.dirs
+    return {
+        "halves": [[names[c] for c in sorted(h)] for h in halves],
+        "support_images": len(support),
+        "before": _per_half(before, halves),
+        "after": _per_half(after, halves),
+    }
 
 
 @torch.no_grad()
@@ -129,10 +165,12 @@ def run_fewshot(cfg: ExperimentConfig, ws: Workspace, from_run: Path) -> dict[st
     support = select_support(ws.dataset.ood_val, cfg.fewshot.shots, cfg.seed, rule)
     out: dict[str, Any] = {"shots": cfg.fewshot.shots, "selection": rule, "support_images": len(support)}
     if "finetune" in cfg.fewshot.methods:
-        res = finetune(cfg, ws, from_run, support)
+        res, _ = finetune(cfg, ws, from_run, support)
         out["finetune"] = {**res["metrics"], "run": str(from_run / f"fewshot-{cfg.fewshot.shots}shot-finetune")}
     if "retrieval" in cfg.fewshot.methods:
         out["retrieval"] = tip_adapter(cfg, ws, from_run, support)
+    if cfg.fewshot.continual:
+        out["continual"] = run_continual(cfg, ws, from_run)
     results_path = from_run / "results.json"
     if results_path.is_file():
         results = read_json(results_path)

@@ -118,3 +118,27 @@ def distill(cfg: ExperimentConfig, ws: Workspace | None = None, resume: bool = F
         results["analysis"] = analyse(cfg, ws, distiller, cfg.train.analysis_max_images)
         atomic_write_json(cfg.run_dir / "results.json", results)
     return results
+
+
+def text_diagnostics(cfg: ExperimentConfig, ws: Workspace, out_dir: Path) -> dict[str, Any]:
+    """Paper Table 6 / Fig. 4 for any label space and prompt recipe: how spread the class texts are."""
+    from vlmdistill.analysis import plot_text_spectra, text_mean_pairwise_cosine, text_svd_spectrum
+    from vlmdistill.text.textbank import embed_texts
+
+    t = cfg.text
+    recipes = {"plain": False}
+    if all(c.description for c in ws.dataset.classes):
+        recipes["descriptions"] = True
+    out: dict[str, Any] = {}
+    for split, space in (("id", ws.dataset.id_space), ("ood", ws.dataset.ood_space)):
+        spectra = {}
+        for recipe, use in recipes.items():
+            w = embed_texts(ws.teacher, space.prompts(t.template, t.description_template, use), cfg.cache_dir)
+            spectra[recipe] = text_svd_spectrum(w)
+            out.setdefault(split, {})[recipe] = {
+                "mean_pairwise_cosine": text_mean_pairwise_cosine(w),
+                "top_eigenvalues": [float(v) for v in spectra[recipe]],
+            }
+        plot_text_spectra(spectra, Path(out_dir) / f"text_spectrum_{split}.png")
+    atomic_write_json(Path(out_dir) / "text_stats.json", out)
+    return out

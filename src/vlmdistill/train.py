@@ -252,7 +252,7 @@ class Distiller:
         ood_f, ood_i = self.embed(e.ood_source)
         id_y, ood_y = e.id_labels[id_i], e.ood_labels[ood_i]
         if self.closed_set:
-            return closed_set_metrics(id_f, id_y, ood_f, ood_y, self.n_id)
+            return closed_set_metrics(id_f, id_y, ood_f, ood_y, self.n_id, self.train_set.support is not None)
         return zero_shot_metrics(id_f, id_y, ood_f, ood_y, self.w_id.cpu(), self.w_ood.cpu())
 
     # ----------------------------------------------------------------- the loop

@@ -132,7 +132,8 @@ def run_demo(out: Path, cache: Path, quick: bool = False, seeds: int = 1, overri
         if seed == 0:
             _plots(out, ws, per_seed)
     summary = summarise(per_seed, scale, time.perf_counter() - start, seeds)
-    summary["latency_ms"], summary["params"]["teacher_image"] = _latency(ws, cfg)
+    summary["latency_ms"], teacher_image = _latency(ws, cfg)
+    summary["params"] = {**summary["rows"]["cls"]["params"], "teacher_image": teacher_image}
     atomic_write_json(out / "results.json", summary)
     plot_ood_by_variant(summary, out / "ood_by_variant.png")
     write_report(summary, out)
