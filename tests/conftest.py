@@ -108,3 +108,31 @@ def base_overrides(prepared: Path, open_clip_teacher_files: tuple[Path, Path], t
         "device=cpu",
         "teacher.device=cpu",
     ]
+
+
+@pytest.fixture(scope="session")
+def hf_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random CLIPModel with CLIP's real BPE vocabulary, saved as users' local directories are."""
+    import open_clip
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    simple = open_clip.get_tokenizer("ViT-B-32")
+    rename = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+    d = tmp_path_factory.mktemp("hf") / "hf-clip"
+    d.mkdir()
+    (d / "vocab.json").write_text(json.dumps({rename.get(k, k): v for k, v in simple.encoder.items()}))
+    merges = sorted(simple.bpe_ranks.items(), key=lambda kv: kv[1])
+    (d / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m, _ in merges) + "\n")
+    tok = CLIPTokenizer(str(d / "vocab.json"), str(d / "merges.txt"))
+    cfg = CLIPConfig(
+        text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                     "max_position_embeddings": 77, "vocab_size": 49408},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                       "image_size": 32, "patch_size": 8},
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    CLIPModel(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(d)
+    return d

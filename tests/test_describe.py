@@ -98,9 +98,16 @@ class FakeLLM:
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 name, attempt = fake._record(self.path, dict(self.headers), body)
+                self.counted = True
                 try:
                     self._send(fake._reply_for(name, attempt), name)
                 finally:
+                    self._done()
+
+            def _done(self) -> None:
+                """Leave the in-flight count before the client can see the reply, so it may send the next one."""
+                if self.counted:
+                    self.counted = False
                     with fake._lock:
                         fake.in_flight -= 1
 
@@ -112,6 +119,7 @@ class FakeLLM:
                 for key, value in {"Content-Type": "application/json", **reply.headers}.items():
                     self.send_header(key, value)
                 self.send_header("Content-Length", str(len(data)))
+                self._done()
                 self.end_headers()
                 self.wfile.write(data)
 

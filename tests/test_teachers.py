@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -10,33 +9,6 @@ import torch
 
 from vlmdistill.config import TeacherConfig
 from vlmdistill.teachers import TeacherLoadError, load_teacher
-
-
-def _hf_dir(tmp_path: Path) -> Path:
-    """A tiny random CLIPModel with CLIP's real BPE vocabulary, saved as users' local directories are."""
-    import open_clip
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
-
-    simple = open_clip.get_tokenizer("ViT-B-32")
-    rename = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
-    d = tmp_path / "hf-clip"
-    d.mkdir()
-    (d / "vocab.json").write_text(json.dumps({rename.get(k, k): v for k, v in simple.encoder.items()}))
-    merges = sorted(simple.bpe_ranks.items(), key=lambda kv: kv[1])
-    (d / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m, _ in merges) + "\n")
-    tok = CLIPTokenizer(str(d / "vocab.json"), str(d / "merges.txt"))
-    cfg = CLIPConfig(
-        text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-                     "max_position_embeddings": 77, "vocab_size": 49408},
-        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-                       "image_size": 32, "patch_size": 8},
-        projection_dim=16,
-    )
-    torch.manual_seed(0)
-    CLIPModel(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(d)
-    return d
 
 
 def test_open_clip_checkpoint_roundtrip(open_clip_teacher_files: tuple[Path, Path]) -> None:
@@ -79,10 +51,10 @@ def test_missing_weights_and_unknown_model_are_explained(tmp_path: Path) -> None
         load_teacher(TeacherConfig(name="ViT-B-32", checkpoint=tmp_path / "nope.pt", device="cpu"))
 
 
-def test_hf_clip_local_directory(tmp_path: Path) -> None:
+def test_hf_clip_local_directory(hf_clip_dir: Path) -> None:
     from transformers import CLIPModel, CLIPTokenizer
 
-    d = _hf_dir(tmp_path)
+    d = hf_clip_dir
     t = load_teacher(TeacherConfig(backend="hf", name=str(d), device="cpu"))
     assert (t.embed_dim, t.image_size, t.context_length) == (16, 32, 77)
     texts = ["a photo of a cat", "a photo of a red striped star"]

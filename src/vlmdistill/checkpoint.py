@@ -92,6 +92,11 @@ def save_checkpoint(
     )
 
 
+def prompt_path(run_dir: Path) -> Path:
+    """Learned prompt context (CoOp), kept apart from the student weights that deployment needs."""
+    return Path(run_dir) / "checkpoints" / "last_prompt.safetensors"
+
+
 def has_checkpoint(run_dir: Path) -> bool:
     return all(p.is_file() for p in checkpoint_paths(run_dir))
 

@@ -70,6 +70,8 @@ class TextConfig(_Strict):
     use_descriptions: bool = False
     descriptions: Path | None = None
     captions: Path | None = None
+    learn_context: bool = False
+    n_ctx: int = 8
 
 
 class LossTerm(_Strict):

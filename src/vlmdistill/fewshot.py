@@ -92,7 +92,7 @@ def _per_half(distiller: Distiller, halves: list[set[int]]) -> dict[str, float]:
     e = distiller.eval_set
     feats, idx = distiller.embed(e.ood_source)
     labels = e.ood_labels[idx]
-    pred = (F.normalize(feats, dim=-1) @ distiller.w_ood.cpu().T).argmax(1)
+    pred = (F.normalize(feats, dim=-1) @ distiller.class_embeddings()[1].T).argmax(1)
     out = {}
     for i, half in enumerate(halves, start=1):
         mask = torch.tensor([int(y) in half for y in labels])
@@ -133,7 +133,8 @@ def tip_adapter(cfg: ExperimentConfig, ws: Workspace, from_run: Path, support: l
     values = F.one_hot(labels, len(ws.dataset.ood_space)).float()
     q, q_i = distiller.embed(eval_set.ood_source)
     q = F.normalize(q, dim=-1)
-    logits = f.text_scale * q @ distiller.w_ood.cpu().T + f.alpha * torch.exp(-f.beta * (1 - q @ keys.T)) @ values
+    w_ood = distiller.class_embeddings()[1]
+    logits = f.text_scale * q @ w_ood.T + f.alpha * torch.exp(-f.beta * (1 - q @ keys.T)) @ values
     return {"ood": classification_metrics(logits, eval_set.ood_labels[q_i]),
             "keys": f.keys, "alpha": f.alpha, "beta": f.beta, "text_scale": f.text_scale, "key_views": f.key_views}
 

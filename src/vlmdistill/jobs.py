@@ -75,16 +75,15 @@ def load_student(distiller: Distiller, run_dir: Path) -> None:
                 "evaluate it with the config it was trained with (its config.yaml)"
             )
     distiller.student.load_state_dict(weights)
+    distiller.load_prompt(run_dir)
 
 
 def analyse(cfg: ExperimentConfig, ws: Workspace, distiller: Distiller, max_images: int = 2000) -> dict[str, Any]:
     """The paper's §6 metrics on (a seeded subset of) the training set and on the OOD set."""
     out: dict[str, Any] = {}
     g = torch.Generator().manual_seed(cfg.seed)
-    for name, source, w in (
-        ("train", ws.train, distiller.w_id.cpu()),
-        ("ood", ws.ood_val, distiller.w_ood.cpu()),
-    ):
+    w_id, w_ood = distiller.class_embeddings()
+    for name, source, w in (("train", ws.train, w_id), ("ood", ws.ood_val, w_ood)):
         if len(source) > max_images:
             keep = torch.randperm(len(source), generator=g)[:max_images].sort().values
             source = ImageSource([source.records[i] for i in keep.tolist()], source.base_size, source.resize,

@@ -13,19 +13,20 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.utils.tensorboard import SummaryWriter
 
-from vlmdistill.checkpoint import LoopState, has_checkpoint, load_checkpoint, save_checkpoint
+from vlmdistill.checkpoint import LoopState, has_checkpoint, load_checkpoint, prompt_path, save_checkpoint
 from vlmdistill.config import ExperimentConfig, config_to_dict, save_config
 from vlmdistill.data.dataset import Dataset, open_dataset
 from vlmdistill.data.source import ImageSource
 from vlmdistill.data.views import Views, randaugment, render, sample_views
 from vlmdistill.evaluate import closed_set_metrics, embed_source, zero_shot_metrics
-from vlmdistill.io import atomic_write_json
+from vlmdistill.io import atomic_save_tensors, atomic_write_json, load_tensors
 from vlmdistill.losses import LossInputs, Objective
 from vlmdistill.progress import console, make_progress
 from vlmdistill.students import Student, count_parameters, create_student
@@ -33,6 +34,8 @@ from vlmdistill.targets.store import TargetStore, ViewRecipe, open_store
 from vlmdistill.teachers import Teacher, load_teacher
 from vlmdistill.teachers.base import resolve_device
 from vlmdistill.text.captions import captions_for, read_captions
+from vlmdistill.text.prompt_learner import PromptLearner
+from vlmdistill.text.prompt_learner import class_texts as prompt_class_texts
 from vlmdistill.text.textbank import embed_texts
 
 log = logging.getLogger(__name__)
@@ -160,8 +163,9 @@ class Distiller:
         self.train_set = train_set or default_train
         self.eval_set = eval_set or default_eval
         self.w_train = self.train_set.w.to(self.device)
-        self.captions = self._caption_features() if cfg.loss.cap.weight and not cfg.loss.closed_set else None
         self.n_id = len(ws.dataset.id_space)
+        self.prompts = self._prompt_learner() if cfg.text.learn_context else None
+        self.captions = self._caption_features() if cfg.loss.cap.weight and not cfg.loss.closed_set else None
         self.closed_set = cfg.loss.closed_set
         out_dim = len(ws.dataset.id_space) + len(ws.dataset.ood_space) if self.closed_set else ws.teacher.embed_dim
         self.student: Student = create_student(cfg.student, out_dim).to(self.device)
@@ -169,6 +173,21 @@ class Distiller:
         self.per_batch = cfg.data.augment_per == "batch"
         self.store: TargetStore | None = None
         self.online_teacher = False
+
+    def _prompt_learner(self) -> PromptLearner:
+        """CoOp context over the training classes (ID, or ID then OOD when few-shot data is mixed in)."""
+        d, use = self.ws.dataset, self.cfg.text.use_descriptions
+
+        def texts(space: Any) -> list[str]:
+            return prompt_class_texts(space.names, [c.description for c in space.classes] if use else None)
+
+        self.id_texts, self.ood_texts = texts(d.id_space), texts(d.ood_space)
+        self.train_texts = self.id_texts if len(self.train_set.w) == self.n_id else self.id_texts + self.ood_texts
+        learner = PromptLearner(self.ws.teacher, self.train_texts, self.cfg.text.n_ctx)
+        return learner.to(self.device)
+
+    def _train_texts(self) -> torch.Tensor:
+        return self.prompts() if self.prompts is not None else self.w_train
 
     def _caption_features(self) -> torch.Tensor:
         """Teacher text embeddings of each training image's caption (for L_cap), cached like class texts."""
@@ -216,7 +235,7 @@ class Distiller:
         inputs = LossInputs(
             s=F.normalize(s_raw, dim=-1),
             y=labels,
-            w=self.w_train,
+            w=self._train_texts(),
             t=F.normalize(t_raw, dim=-1) if t_raw is not None else None,
             s_raw=s_raw,
             t_raw=t_raw,
@@ -253,7 +272,15 @@ class Distiller:
         id_y, ood_y = e.id_labels[id_i], e.ood_labels[ood_i]
         if self.closed_set:
             return closed_set_metrics(id_f, id_y, ood_f, ood_y, self.n_id, self.train_set.support is not None)
-        return zero_shot_metrics(id_f, id_y, ood_f, ood_y, self.w_id.cpu(), self.w_ood.cpu())
+        w_id, w_ood = self.class_embeddings()
+        return zero_shot_metrics(id_f, id_y, ood_f, ood_y, w_id, w_ood)
+
+    @torch.no_grad()
+    def class_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """ID and OOD class text embeddings (from the learned context when prompt learning is on), on CPU."""
+        if self.prompts is None:
+            return self.w_id.cpu(), self.w_ood.cpu()
+        return self.prompts(self.id_texts).cpu(), self.prompts(self.ood_texts).cpu()
 
     # ----------------------------------------------------------------- the loop
     def fit(self, resume: bool = False) -> dict[str, Any]:
@@ -263,11 +290,12 @@ class Distiller:
         steps_per_epoch = len(self.pass_batches(0, 0)) * cfg.optim.repeat_epochs
         if self.objective.needs_teacher:
             self._prepare_targets()
-        optimizer, scheduler, sched_per_step = build_optimizer(cfg, self.student.parameters(), steps_per_epoch)
+        optimizer, scheduler, sched_per_step = build_optimizer(cfg, self.trainable(), steps_per_epoch)
         torch.manual_seed(cfg.seed)
         loop = LoopState()
         if resume and has_checkpoint(run_dir):
             loop = load_checkpoint(run_dir, self.student, optimizer, scheduler)
+            self.load_prompt(run_dir)
             console.print(f"resumed {run_dir} at epoch {loop.epoch}, step {loop.step}")
         writer = SummaryWriter(str(run_dir / "tensorboard"))
         total_steps = cfg.optim.epochs * steps_per_epoch
@@ -309,13 +337,22 @@ class Distiller:
                     loop.history.append({"epoch": loop.epoch, "step": loop.step, **metrics})
                     _log_metrics(writer, metrics, loop.epoch)
                 if last or loop.epoch % cfg.train.checkpoint_every == 0:
-                    save_checkpoint(run_dir, self.student, optimizer, scheduler, loop, self.model_meta())
+                    self.save(optimizer, scheduler, loop)
         if stopped:
-            save_checkpoint(run_dir, self.student, optimizer, scheduler, loop, self.model_meta())
+            self.save(optimizer, scheduler, loop)
         writer.close()
         results = self.results(loop, time.perf_counter() - start, complete=not stopped)
         atomic_write_json(run_dir / "results.json", results)
         return results
+
+    def trainable(self) -> list[torch.nn.Parameter]:
+        """The student's parameters, plus the prompt context when it is learned (same lr and decay, as CoOp)."""
+        return [*self.student.parameters(), *([self.prompts.ctx] if self.prompts is not None else [])]
+
+    def save(self, optimizer: Any, scheduler: Any, loop: LoopState) -> None:
+        save_checkpoint(self.cfg.run_dir, self.student, optimizer, scheduler, loop, self.model_meta())
+        if self.prompts is not None:
+            atomic_save_tensors(prompt_path(self.cfg.run_dir), {"ctx": self.prompts.ctx.detach()})
 
     def pass_batches(self, epoch: int, rep: int) -> list[torch.Tensor]:
         """The index batches of one data pass, recreated identically from (seed, epoch, pass) on resume."""
@@ -326,6 +363,13 @@ class Distiller:
             return list(torch.randperm(len(self.train_set.labels), generator=g).split(bs))
         idx = torch.arange(len(support))
         return balanced_batches(idx[~support], idx[support], bs, g)
+
+    def load_prompt(self, run_dir: Path) -> None:
+        """The learned context of a run, when this run learns context too (fresh context otherwise)."""
+        path = prompt_path(run_dir)
+        if self.prompts is not None and path.is_file():
+            with torch.no_grad():
+                self.prompts.ctx.copy_(load_tensors(path)["ctx"])
 
     def model_meta(self) -> dict[str, str]:
         return {

@@ -146,7 +146,8 @@ def write_report(summary: dict[str, Any], out: Path) -> None:
     lines = [
         "# vlmdistill demo report",
         "",
-        f"Machine: {summary['machine']}. Seeds: {summary['seeds']}. Wall time: {summary['seconds']:.0f} s.",
+        f"Machine: {summary['machine']}. Seeds: {summary['seeds']}. Wall time: {summary['seconds']:.0f} s "
+        f"({', '.join(f'{k} {v:.0f} s' for k, v in summary.get('timing_s', {}).items())}).",
         f"World: {summary['scale']}.",
         "",
         f"Teacher: {summary['params']['teacher']:,} parameters ({summary['params']['teacher_image']:,} in its image "

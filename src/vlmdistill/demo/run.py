@@ -110,6 +110,7 @@ def run_demo(out: Path, cache: Path, quick: bool = False, seeds: int = 1, overri
     start = time.perf_counter()
     scale = DemoScale.quick() if quick else DemoScale.full()
     data, cfg_path, ckpt = setup(cache, scale, progress)
+    timing = {"setup": time.perf_counter() - start}
     raw = base_config(out, cache, scale)
     shared = [f"data.dir={data}", f"teacher.model_config={cfg_path}", f"teacher.checkpoint={ckpt}",
               f"train.progress={str(progress).lower()}"]
@@ -131,7 +132,9 @@ def run_demo(out: Path, cache: Path, quick: bool = False, seeds: int = 1, overri
             per_seed.setdefault(row.key, []).append(res)
         if seed == 0:
             _plots(out, ws, per_seed)
+        timing[f"seed{seed}"] = time.perf_counter() - start - sum(timing.values())
     summary = summarise(per_seed, scale, time.perf_counter() - start, seeds)
+    summary["timing_s"] = {k: round(v, 1) for k, v in timing.items()}
     summary["latency_ms"], teacher_image = _latency(ws, cfg)
     summary["params"] = {**summary["rows"]["cls"]["params"], "teacher_image": teacher_image}
     atomic_write_json(out / "results.json", summary)

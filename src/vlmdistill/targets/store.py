@@ -4,31 +4,75 @@ View 0 is the whole image (the paper's single un-augmented target). Views 1..K a
 flips whose parameters are stored with their embeddings; training replays one of them for the student,
 so the teacher never runs inside the training loop and its target always matches what the student sees.
 
-The file name is a digest of the key (teacher id, preprocessing, image-list fingerprint, view recipe)
-and the key is repeated in the file, so a store made by another teacher or for other images is never
-read: it is rebuilt.
+Layout, one directory per key (teacher id, preprocessing, image-list fingerprint, view recipe), named by
+the key's digest so stores for different keys coexist::
+
+    <cache_dir>/targets/<digest>/manifest.json        key, N, V, D, shard size, dtype, per-shard files
+    <cache_dir>/targets/<digest>/00000.feats.f16      raw fp16 embeddings [n, V, D], memory-mapped
+    <cache_dir>/targets/<digest>/00000.meta.safetensors  boxes [n, V, 4] f32, flips [n, V], valid [n]
+
+Shards hold ``shard_size`` consecutive images. Each is written atomically (temp file + ``os.replace``)
+and only then recorded, with its row range and the sha256 and size of its files, in the manifest
+(also written atomically): a killed extraction resumes at the missing shards and nothing is duplicated
+or lost. Views are drawn from one seeded generator over the whole dataset up front, so resumed shards
+use the same views (and every shard stores its own views next to its embeddings anyway).
+
+Integrity: on open every shard's file sizes are checked; its checksums are checked too unless the
+manifest remembers a past verification of exactly these files (``verified`` = [size, mtime_ns], only
+recorded for files whose mtime is older than ``SETTLE_NS`` at verification time, so a later write can't
+share the remembered mtime). A file changed in place with its size and mtime restored is therefore not
+re-hashed: ``touch`` the shard files to force a check. A shard that fails is re-extracted by itself
+(``open_store``) or refused (``load_store``); it is never read.
+
+Embeddings stay on disk (one read-only ``numpy.memmap`` per shard; rows are gathered per batch), so a
+store larger than RAM trains with bounded resident memory; boxes, flips and valid (17 bytes per view)
+are held in memory. Files are replaced, never rewritten in place, so a training process's mappings stay
+valid while another process repairs the store.
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
 import logging
+import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from json import JSONDecodeError
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
+from safetensors.torch import load, save
 
 from vlmdistill.data.source import ImageSource
 from vlmdistill.data.views import Views, render, sample_views
-from vlmdistill.io import atomic_save_tensors, load_tensors, sha256_strings
+from vlmdistill.io import atomic_write_json, read_json, sha256_file, sha256_strings
 from vlmdistill.progress import make_progress
 from vlmdistill.teachers.base import Teacher
 
 log = logging.getLogger(__name__)
 
 RENDER_VERSION = "roi_align-v1"
+FORMAT = 2
+MANIFEST = "manifest.json"
+DEFAULT_SHARD_SIZE = 4096
+SETTLE_NS = 2_000_000_000
+_DTYPE = np.dtype(np.float16)
+
+
+class StoreError(RuntimeError):
+    """A target store that cannot be used as it is; the message says why."""
+
+
+class StoreMismatchError(StoreError):
+    """The stored key differs from the wanted one; ``fields`` names the differing key fields."""
+
+    def __init__(self, where: Path, stored: dict[str, str], wanted: dict[str, str]) -> None:
+        self.fields = _differing(stored, wanted)
+        super().__init__(f"target store {where} was made for another {_describe(stored, wanted)}")
 
 
 @dataclass(frozen=True)
@@ -57,24 +101,210 @@ def store_key(teacher: Teacher, source: ImageSource, recipe: ViewRecipe) -> dict
     }
 
 
+def store_path(cache_dir: Path, key: dict[str, str]) -> Path:
+    """The store's directory: named by the digest of its key."""
+    digest = sha256_strings([f"{k}={v}" for k, v in sorted(key.items())])
+    return Path(cache_dir) / "targets" / digest[:32]
+
+
+def _differing(stored: dict[str, str], wanted: dict[str, str]) -> list[str]:
+    return sorted(k for k in stored.keys() | wanted.keys() if stored.get(k) != wanted.get(k))
+
+
+def _describe(stored: dict[str, str], wanted: dict[str, str]) -> str:
+    def short(v: str | None) -> str:
+        return repr(v if v is None or len(v) <= 60 else v[:57] + "...")
+
+    return "; ".join(f"{k} (stored {short(stored.get(k))}, wanted {short(wanted.get(k))})"
+                     for k in _differing(stored, wanted))
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Rows [start, stop) of the store; ``feats`` maps their fp16 embeddings [n, V, D] read-only."""
+
+    start: int
+    stop: int
+    feats: np.memmap
+
+
 @dataclass
 class TargetStore:
-    feats: torch.Tensor
+    path: Path
+    key: dict[str, str]
+    shard_size: int
+    embed_dim: int
+    shards: list[Shard]
     boxes: torch.Tensor
     flips: torch.Tensor
     valid: torch.Tensor
-    key: dict[str, str]
 
     @property
     def n_views(self) -> int:
-        return self.feats.shape[1]
+        return self.boxes.shape[1]
+
+    @property
+    def feats(self) -> torch.Tensor:
+        """Every embedding [N, V, D] read into memory: for small stores and tests; training uses ``targets``."""
+        if not self.shards:
+            return torch.zeros(0, self.n_views, self.embed_dim, dtype=torch.float16)
+        return torch.from_numpy(np.concatenate([s.feats for s in self.shards]))
 
     def views(self, index: torch.Tensor, view_ids: torch.Tensor) -> Views:
         return Views(self.boxes[index, view_ids], self.flips[index, view_ids])
 
     def targets(self, index: torch.Tensor, view_ids: torch.Tensor) -> torch.Tensor:
-        """Unnormalised fp32 teacher embeddings of the given images under the given views."""
-        return self.feats[index, view_ids].float()
+        """Unnormalised fp32 teacher embeddings of the given images under the given views.
+
+        Rows are gathered shard by shard from the memory maps, so only the pages of this batch are read.
+        """
+        if not bool(self.valid[index].all()):
+            bad = index[~self.valid[index]].tolist()
+            raise StoreError(f"no teacher targets for images {bad}: they could not be decoded at extraction")
+        idx, vid = index.cpu().numpy(), view_ids.cpu().numpy()
+        out = np.empty((len(idx), self.embed_dim), dtype=_DTYPE)
+        shard_of = idx // self.shard_size
+        order = np.argsort(shard_of, kind="stable")
+        for group in np.split(order, np.flatnonzero(np.diff(shard_of[order])) + 1):
+            if len(group):
+                shard = self.shards[shard_of[group[0]]]
+                out[group] = shard.feats[idx[group] - shard.start, vid[group]]
+        return torch.from_numpy(out).float()
+
+
+def store_footprint(store: TargetStore) -> dict[str, float]:
+    """Disk bytes (all shard files and the manifest) and the resident metadata, per image-view."""
+    disk = sum(f.stat().st_size for f in store.path.iterdir() if not f.name.startswith("."))
+    n, v = len(store.valid), store.n_views
+    ram = sum(t.numel() * t.element_size() for t in (store.boxes, store.flips, store.valid))
+    return {
+        "n_images": n,
+        "n_views": v,
+        "embed_dim": store.embed_dim,
+        "shards": len(store.shards),
+        "disk_bytes": disk,
+        "disk_bytes_per_1000_image_views": 1000 * disk / max(n * v, 1),
+        "ram_bytes": ram,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- manifest
+
+
+def _shard_rows(manifest: dict[str, Any], i: int) -> tuple[int, int]:
+    size, n = manifest["shard_size"], manifest["n_images"]
+    return i * size, min((i + 1) * size, n)
+
+
+def _n_shards(manifest: dict[str, Any]) -> int:
+    return -(-manifest["n_images"] // manifest["shard_size"])
+
+
+def _missing(manifest: dict[str, Any]) -> list[int]:
+    return [i for i in range(_n_shards(manifest)) if str(i) not in manifest["shards"]]
+
+
+def _new_manifest(key: dict[str, str], n: int, v: int, d: int, shard_size: int) -> dict[str, Any]:
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be at least 1, got {shard_size}")
+    return {"format": FORMAT, "key": key, "n_images": n, "n_views": v, "embed_dim": d,
+            "shard_size": shard_size, "dtype": _DTYPE.name, "shards": {}}
+
+
+def _read_manifest(directory: Path) -> dict[str, Any] | None:
+    """The manifest, or None when absent or unreadable (logged): such a store is rebuilt."""
+    path = directory / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = read_json(path)
+    except (OSError, JSONDecodeError, UnicodeDecodeError) as err:
+        log.warning("target store manifest %s is unreadable (%s); rebuilding", path, err)
+        return None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        log.warning("target store %s has another format; rebuilding", directory)
+        return None
+    return manifest
+
+
+def _nearest(cache_dir: Path, key: dict[str, str]) -> tuple[Path, dict[str, str]] | None:
+    """The cached store whose key differs from ``key`` in the fewest fields, to say why it is not reused."""
+    found = []
+    for path in sorted((Path(cache_dir) / "targets").glob(f"*/{MANIFEST}")):
+        manifest = _read_manifest(path.parent)
+        if manifest is not None and isinstance(manifest.get("key"), dict) and manifest["key"] != key:
+            found.append((len(_differing(manifest["key"], key)), path.parent, manifest["key"]))
+    if not found:
+        return None
+    _, directory, stored = min(found, key=lambda t: t[0])
+    return directory, stored
+
+
+# ---------------------------------------------------------------------------------------------- integrity
+
+
+def _file_ok(directory: Path, entry: dict[str, Any], size: int) -> bool:
+    """Size always; sha256 unless a past verification of this exact size and mtime is remembered."""
+    path = directory / entry["name"]
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return False
+    if st.st_size != size or st.st_size != entry["bytes"]:
+        return False
+    stamp = [st.st_size, st.st_mtime_ns]
+    if entry.get("verified") == stamp:
+        return True
+    if sha256_file(path) != entry["sha256"]:
+        return False
+    entry["verified"] = stamp if time.time_ns() - st.st_mtime_ns > SETTLE_NS else None
+    return True
+
+
+def _shard_ok(directory: Path, manifest: dict[str, Any], i: int) -> bool:
+    entry = manifest["shards"][str(i)]
+    start, stop = _shard_rows(manifest, i)
+    feats_bytes = (stop - start) * manifest["n_views"] * manifest["embed_dim"] * _DTYPE.itemsize
+    files = entry["files"]
+    return (entry["rows"] == [start, stop] and _file_ok(directory, files["feats"], feats_bytes)
+            and _file_ok(directory, files["meta"], files["meta"]["bytes"]))
+
+
+def _drop_bad_shards(directory: Path, manifest: dict[str, Any]) -> list[int]:
+    """Forget (and return) shards whose files are missing, truncated or corrupted; save new verifications."""
+    before = repr(manifest["shards"])
+    listed = sorted(int(i) for i in manifest["shards"])
+    bad = [i for i in listed if i >= _n_shards(manifest) or not _shard_ok(directory, manifest, i)]
+    for i in bad:
+        log.warning("target store %s: shard %d is missing, truncated or corrupted; it will be re-extracted",
+                    directory, i)
+        del manifest["shards"][str(i)]
+    if repr(manifest["shards"]) != before:
+        atomic_write_json(directory / MANIFEST, manifest)
+    return bad
+
+
+def _load(directory: Path, manifest: dict[str, Any]) -> TargetStore:
+    """Map every shard's embeddings and read its views and validity (the manifest was checked)."""
+    v, d = manifest["n_views"], manifest["embed_dim"]
+    shards, metas = [], []
+    for i in range(_n_shards(manifest)):
+        files = manifest["shards"][str(i)]["files"]
+        start, stop = _shard_rows(manifest, i)
+        feats = np.memmap(directory / files["feats"]["name"], dtype=_DTYPE, mode="r", shape=(stop - start, v, d))
+        shards.append(Shard(start, stop, feats))
+        metas.append(load((directory / files["meta"]["name"]).read_bytes()))
+    if metas:
+        boxes, flips, valid = (torch.cat([m[name] for m in metas]) for name in ("boxes", "flips", "valid"))
+    else:
+        boxes, flips, valid = torch.zeros(0, v, 4), torch.zeros(0, v, dtype=torch.bool), torch.zeros(0, dtype=torch.bool)
+    return TargetStore(directory, manifest["key"], manifest["shard_size"], d, shards, boxes, flips, valid)
+
+
+# ---------------------------------------------------------------------------------------------- extraction
 
 
 def _all_views(n_images: int, recipe: ViewRecipe) -> Views:
@@ -89,62 +319,170 @@ def _all_views(n_images: int, recipe: ViewRecipe) -> Views:
     return Views(boxes, flips)
 
 
-def extract(teacher: Teacher, source: ImageSource, recipe: ViewRecipe, progress: bool = True) -> TargetStore:
-    """Decode each image once, render every view at the teacher's resolution, encode in big batches."""
-    n = len(source)
-    views = _all_views(n, recipe)
-    n_views = views.boxes.shape[1]
-    feats = torch.zeros(n, n_views, teacher.embed_dim, dtype=torch.float16)
-    valid = torch.zeros(n, dtype=torch.bool)
-    start = time.perf_counter()
-    with make_progress(progress) as bar:
-        task = bar.add_task("teacher targets", total=n, info="")
-        for batch in source.batches(torch.arange(n), teacher.batch_size):
-            for v in range(n_views):
-                sub = Views(views.boxes[batch.index, v], views.flips[batch.index, v])
-                pixels = render(batch.images, sub, teacher.image_size)
-                feats[batch.index, v] = teacher.encode_images(pixels).cpu().half()
-            valid[batch.index] = True
-            done = int(valid.sum())
-            rate = done / max(time.perf_counter() - start, 1e-9)
-            bar.update(task, completed=done, info=f"{rate:.0f} img/s")
-    return TargetStore(feats, views.boxes, views.flips, valid, store_key(teacher, source, recipe))
-
-
-def store_path(cache_dir: Path, key: dict[str, str]) -> Path:
-    digest = sha256_strings([f"{k}={v}" for k, v in sorted(key.items())])
-    return Path(cache_dir) / "targets" / f"{digest[:32]}.safetensors"
-
-
-def _load(path: Path, key: dict[str, str]) -> TargetStore | None:
-    if not path.is_file():
-        return None
+def _write_file(directory: Path, name: str, data: bytes) -> dict[str, Any]:
+    """Write atomically (a killed write leaves only ``.<name>.tmp``) and describe it for the manifest."""
+    path, tmp = directory / name, directory / f".{name}.tmp"
     try:
-        with safe_open(str(path), framework="pt") as f:
-            stored = json.loads((f.metadata() or {}).get("key", "{}"))
-        if stored != key:
-            differ = sorted(k for k in key if stored.get(k) != key[k])
-            log.warning("target store %s differs in %s; rebuilding", path, ", ".join(differ))
-            return None
-        t = load_tensors(path)
-    except (SafetensorError, OSError, json.JSONDecodeError) as err:
-        log.warning("target store %s is unreadable (%s); rebuilding", path, err)
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return {"name": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "verified": None}
+
+
+class _ShardWriter:
+    """Fills the missing shards in order and writes each (files, then manifest) once the stream passes it."""
+
+    def __init__(self, directory: Path, manifest: dict[str, Any], views: Views, todo: list[int]) -> None:
+        self.directory, self.manifest, self.views, self.todo = directory, manifest, views, list(todo)
+        self._feats: np.ndarray | None = None
+        self._valid: np.ndarray | None = None
+
+    def add(self, index: torch.Tensor, feats: torch.Tensor) -> None:
+        """Rows of one batch; a batch never spans two shards."""
+        while self.todo[0] < int(index[0]) // self.manifest["shard_size"]:
+            self._flush()
+        start, _ = self._buffers()
+        rows = index.numpy() - start
+        self._feats[rows] = feats.numpy()
+        self._valid[rows] = True
+
+    def finish(self) -> None:
+        while self.todo:
+            self._flush()
+
+    def _buffers(self) -> tuple[int, int]:
+        start, stop = _shard_rows(self.manifest, self.todo[0])
+        if self._feats is None:
+            m = self.manifest
+            self._feats = np.zeros((stop - start, m["n_views"], m["embed_dim"]), dtype=_DTYPE)
+            self._valid = np.zeros(stop - start, dtype=bool)
+        return start, stop
+
+    def _flush(self) -> None:
+        start, stop = self._buffers()
+        i = self.todo.pop(0)
+        meta = {"boxes": self.views.boxes[start:stop].contiguous(), "flips": self.views.flips[start:stop].contiguous(),
+                "valid": torch.from_numpy(self._valid)}
+        files = {"feats": _write_file(self.directory, f"{i:05d}.feats.f16", self._feats.tobytes()),
+                 "meta": _write_file(self.directory, f"{i:05d}.meta.safetensors", save(meta))}
+        self.manifest["shards"][str(i)] = {"rows": [start, stop], "files": files}
+        atomic_write_json(self.directory / MANIFEST, self.manifest)
+        self._feats = self._valid = None
+
+
+def _encode(teacher: Teacher, images: torch.Tensor, views: Views) -> torch.Tensor:
+    """Every view [m, V] of one decoded batch rendered on the teacher's device, encoded in one call."""
+    m, v = views.flips.shape
+    images = images.to(teacher.device)
+    pixels = torch.cat([render(images, Views(views.boxes[:, j], views.flips[:, j]), teacher.image_size)
+                        for j in range(v)])
+    return teacher.encode_images(pixels).view(v, m, -1).transpose(0, 1).cpu().half()
+
+
+def _plan(manifest: dict[str, Any], todo: list[int], per_batch: int) -> list[torch.Tensor]:
+    """Decode batches over the missing shards, none spanning two shards."""
+    return [rows for i in todo for rows in torch.arange(*_shard_rows(manifest, i)).split(per_batch)]
+
+
+def _extract(teacher: Teacher, source: ImageSource, recipe: ViewRecipe, directory: Path,
+             manifest: dict[str, Any], todo: list[int], progress: bool) -> None:
+    """Decode each image once, render all its views, and fill the missing shards in one loader stream."""
+    views = _all_views(manifest["n_images"], recipe)
+    per_batch = max(1, teacher.batch_size // manifest["n_views"])
+    writer = _ShardWriter(directory, manifest, views, todo)
+    done = manifest["n_images"] - sum(b - a for a, b in (_shard_rows(manifest, i) for i in todo))
+    encoded, start = 0, time.perf_counter()
+    with make_progress(progress) as bar:
+        task = bar.add_task("teacher targets", total=manifest["n_images"], completed=done, info="")
+        for batch in _batches(source, _plan(manifest, todo, per_batch)):
+            writer.add(batch.index, _encode(teacher, batch.images, Views(views.boxes[batch.index],
+                                                                        views.flips[batch.index])))
+            encoded += len(batch.index)
+            rate = encoded / max(time.perf_counter() - start, 1e-9)
+            bar.update(task, advance=len(batch.index), info=f"{rate:.0f} img/s")
+        writer.finish()
+        bar.update(task, completed=manifest["n_images"])
+
+
+def _batches(source: ImageSource, plan: list[torch.Tensor]) -> Iterator[Any]:
+    """The source's own loader (and workers); bad images are dropped there and stay ``valid=False``."""
+    return source.iter_batches(plan)
+
+
+# ---------------------------------------------------------------------------------------------- opening
+
+
+def load_store(cache_dir: Path, key: dict[str, str]) -> TargetStore:
+    """The complete, intact store for ``key``, for callers that must not extract; raises ``StoreError``."""
+    directory = store_path(cache_dir, key)
+    manifest = _read_manifest(directory)
+    if manifest is None:
+        near = _nearest(cache_dir, key)
+        if near is not None:
+            raise StoreMismatchError(*near, key)
+        raise StoreError(f"no target store under {Path(cache_dir) / 'targets'}")
+    if manifest["key"] != key:
+        raise StoreMismatchError(directory, manifest["key"], key)
+    bad = _drop_bad_shards(directory, manifest)
+    missing = _missing(manifest)
+    if missing:
+        raise StoreError(f"target store {directory} lacks shards {missing} (corrupted: {bad}); "
+                         "open_store extracts them")
+    return _load(directory, manifest)
+
+
+def _usable_manifest(directory: Path, key: dict[str, str], shape: tuple[int, int, int]) -> dict[str, Any] | None:
+    """The directory's manifest when it is for this key and shape (else log why not)."""
+    manifest = _read_manifest(directory)
+    if manifest is None:
         return None
-    return TargetStore(t["feats"], t["boxes"], t["flips"], t["valid"], key)
+    if manifest.get("key") != key:
+        log.warning("target store %s was made for another %s; rebuilding", directory,
+                    _describe(manifest.get("key") or {}, key))
+        return None
+    if (manifest["n_images"], manifest["n_views"], manifest["embed_dim"]) != shape:
+        log.warning("target store %s has shape %s, not %s; rebuilding", directory,
+                    (manifest["n_images"], manifest["n_views"], manifest["embed_dim"]), shape)
+        return None
+    return manifest
 
 
 def open_store(
-    teacher: Teacher, source: ImageSource, recipe: ViewRecipe, cache_dir: Path, progress: bool = True
+    teacher: Teacher,
+    source: ImageSource,
+    recipe: ViewRecipe,
+    cache_dir: Path,
+    progress: bool = True,
+    shard_size: int = DEFAULT_SHARD_SIZE,
 ) -> TargetStore:
-    """The cached store for this key, or a fresh extraction saved under it."""
+    """The cached store for this key, completed or repaired by extracting only its missing shards.
+
+    ``shard_size`` applies to a new store; a store being resumed keeps the one in its manifest.
+    """
     key = store_key(teacher, source, recipe)
-    path = store_path(cache_dir, key)
-    store = _load(path, key)
-    if store is None:
-        store = extract(teacher, source, recipe, progress)
-        atomic_save_tensors(
-            path,
-            {"feats": store.feats, "boxes": store.boxes, "flips": store.flips, "valid": store.valid},
-            {"key": json.dumps(key, sort_keys=True)},
-        )
-    return store
+    directory = store_path(cache_dir, key)
+    shape = (len(source), 1 + recipe.n_views, teacher.embed_dim)
+    manifest = _usable_manifest(directory, key, shape)
+    if manifest is None:
+        near = _nearest(cache_dir, key)
+        if near is not None:
+            log.info("extracting a new target store; the nearest cached one (%s) differs in %s",
+                     near[0], ", ".join(_differing(near[1], key)))
+        manifest = _new_manifest(key, *shape, shard_size)
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(directory / MANIFEST, manifest)
+    try:
+        _drop_bad_shards(directory, manifest)
+    except (KeyError, TypeError) as err:
+        log.warning("target store manifest %s is malformed (%r); rebuilding", directory / MANIFEST, err)
+        manifest = _new_manifest(key, *shape, shard_size)
+        atomic_write_json(directory / MANIFEST, manifest)
+    todo = _missing(manifest)
+    if todo:
+        _extract(teacher, source, recipe, directory, manifest, todo, progress)
+    try:
+        return _load(directory, manifest)
+    except (OSError, ValueError, SafetensorError) as err:
+        raise StoreError(f"target store {directory} changed while it was being opened: {err}") from err

@@ -71,15 +71,25 @@ class Teacher(ABC):
         """Unnormalised fp32 text embeddings [N, D]; prompts longer than the context are truncated."""
         out = []
         for i in range(0, len(texts), self.batch_size):
+            tokens = self.tokenize(list(texts[i : i + self.batch_size])).to(self.device)
             with self._autocast():
-                out.append(self._encode_texts(list(texts[i : i + self.batch_size])).float())
+                out.append(self._encode_tokens(tokens).float())
         return torch.cat(out) if out else torch.zeros(0, self.embed_dim)
+
+    def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Text embeddings of already-tokenised prompts, with autograd (for learned prompt context)."""
+        with self._autocast():
+            return self._encode_tokens(tokens)
+
+    @abstractmethod
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        """Token ids [N, L], start token first, padded to the teacher's context."""
+
+    @abstractmethod
+    def _encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor: ...
 
     @abstractmethod
     def _encode_images(self, x: torch.Tensor) -> torch.Tensor: ...
-
-    @abstractmethod
-    def _encode_texts(self, texts: list[str]) -> torch.Tensor: ...
 
     @abstractmethod
     def count_tokens(self, text: str) -> int:

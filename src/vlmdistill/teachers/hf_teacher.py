@@ -64,11 +64,21 @@ class HFClipTeacher(Teacher):
     def _encode_images(self, x: torch.Tensor) -> torch.Tensor:
         return _pooled(self.model.get_image_features(pixel_values=x))
 
-    def _encode_texts(self, texts: list[str]) -> torch.Tensor:
-        tok = self.tokenizer(
-            texts, padding=True, truncation=True, max_length=self.context_length, return_tensors="pt"
-        ).to(self.device)
-        return _pooled(self.model.get_text_features(**tok))
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        return self.tokenizer(
+            texts, padding="max_length", truncation=True, max_length=self.context_length, return_tensors="pt"
+        )["input_ids"]
+
+    def _encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        return _pooled(self.model.get_text_features(input_ids=tokens, attention_mask=self._mask(tokens)))
+
+    def _mask(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Real tokens up to and including the first end token (CLIP pads with its end token)."""
+        end = self.tokenizer.eos_token_id
+        if self.tokenizer.pad_token_id != end:
+            return (tokens != self.tokenizer.pad_token_id).long()
+        first_end = (tokens == end).int().argmax(dim=1, keepdim=True)
+        return (torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0) <= first_end).long()
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text)["input_ids"])

@@ -79,8 +79,11 @@ class OpenClipTeacher(Teacher):
     def _encode_images(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.encode_image(x)
 
-    def _encode_texts(self, texts: list[str]) -> torch.Tensor:
-        return self.model.encode_text(self.tokenizer(texts).to(self.device))
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        return self.tokenizer(texts)
+
+    def _encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_text(tokens)
 
     def count_tokens(self, text: str) -> int:
         inner = getattr(self.tokenizer, "encode", None)
