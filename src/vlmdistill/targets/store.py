@@ -36,7 +36,6 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from json import JSONDecodeError
 from pathlib import Path
@@ -44,7 +43,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 from vlmdistill.data.source import ImageSource
@@ -214,19 +212,23 @@ def _new_manifest(key: dict[str, str], n: int, v: int, d: int, shard_size: int) 
             "shard_size": shard_size, "dtype": _DTYPE.name, "shards": {}}
 
 
+_HEADER = {"format": int, "key": dict, "n_images": int, "n_views": int, "embed_dim": int, "shard_size": int,
+           "shards": dict}
+
+
 def _read_manifest(directory: Path) -> dict[str, Any] | None:
-    """The manifest, or None when absent or unreadable (logged): such a store is rebuilt."""
+    """The manifest, None when there is none; ``StoreError`` when it is unreadable or of another format."""
     path = directory / MANIFEST
     if not path.is_file():
         return None
     try:
         manifest = read_json(path)
     except (OSError, JSONDecodeError, UnicodeDecodeError) as err:
-        log.warning("target store manifest %s is unreadable (%s); rebuilding", path, err)
-        return None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        log.warning("target store %s has another format; rebuilding", directory)
-        return None
+        raise StoreError(f"target store manifest {path} is unreadable ({err})") from err
+    if not isinstance(manifest, dict) or any(not isinstance(manifest.get(k), t) for k, t in _HEADER.items()):
+        raise StoreError(f"target store manifest {path} is malformed")
+    if manifest["format"] != FORMAT or manifest.get("dtype") != _DTYPE.name:
+        raise StoreError(f"target store {directory} has another format ({manifest['format']}, {manifest.get('dtype')})")
     return manifest
 
 
@@ -234,8 +236,11 @@ def _nearest(cache_dir: Path, key: dict[str, str]) -> tuple[Path, dict[str, str]
     """The cached store whose key differs from ``key`` in the fewest fields, to say why it is not reused."""
     found = []
     for path in sorted((Path(cache_dir) / "targets").glob(f"*/{MANIFEST}")):
-        manifest = _read_manifest(path.parent)
-        if manifest is not None and isinstance(manifest.get("key"), dict) and manifest["key"] != key:
+        try:
+            manifest = _read_manifest(path.parent)
+        except StoreError:
+            continue
+        if manifest is not None and manifest["key"] != key:
             found.append((len(_differing(manifest["key"], key)), path.parent, manifest["key"]))
     if not found:
         return None
@@ -265,23 +270,26 @@ def _file_ok(directory: Path, entry: dict[str, Any], size: int) -> bool:
 
 
 def _shard_ok(directory: Path, manifest: dict[str, Any], i: int) -> bool:
-    entry = manifest["shards"][str(i)]
+    """The shard's row range is the expected one and both its files are intact (a malformed entry is not)."""
     start, stop = _shard_rows(manifest, i)
     feats_bytes = (stop - start) * manifest["n_views"] * manifest["embed_dim"] * _DTYPE.itemsize
-    files = entry["files"]
-    return (entry["rows"] == [start, stop] and _file_ok(directory, files["feats"], feats_bytes)
-            and _file_ok(directory, files["meta"], files["meta"]["bytes"]))
+    try:
+        entry = manifest["shards"][str(i)]
+        files = entry["files"]
+        return (entry["rows"] == [start, stop] and _file_ok(directory, files["feats"], feats_bytes)
+                and _file_ok(directory, files["meta"], files["meta"]["bytes"]))
+    except (KeyError, TypeError, AttributeError):
+        return False
 
 
-def _drop_bad_shards(directory: Path, manifest: dict[str, Any]) -> list[int]:
+def _drop_bad_shards(directory: Path, manifest: dict[str, Any]) -> list[str]:
     """Forget (and return) shards whose files are missing, truncated or corrupted; save new verifications."""
     before = repr(manifest["shards"])
-    listed = sorted(int(i) for i in manifest["shards"])
-    bad = [i for i in listed if i >= _n_shards(manifest) or not _shard_ok(directory, manifest, i)]
+    bad = [i for i in manifest["shards"] if not (i.isdigit() and int(i) < _n_shards(manifest)
+                                                  and _shard_ok(directory, manifest, int(i)))]
     for i in bad:
-        log.warning("target store %s: shard %d is missing, truncated or corrupted; it will be re-extracted",
-                    directory, i)
-        del manifest["shards"][str(i)]
+        log.warning("target store %s: shard %s is missing, truncated or corrupted; it is not read", directory, i)
+        del manifest["shards"][i]
     if repr(manifest["shards"]) != before:
         atomic_write_json(directory / MANIFEST, manifest)
     return bad
@@ -297,10 +305,9 @@ def _load(directory: Path, manifest: dict[str, Any]) -> TargetStore:
         feats = np.memmap(directory / files["feats"]["name"], dtype=_DTYPE, mode="r", shape=(stop - start, v, d))
         shards.append(Shard(start, stop, feats))
         metas.append(load((directory / files["meta"]["name"]).read_bytes()))
-    if metas:
-        boxes, flips, valid = (torch.cat([m[name] for m in metas]) for name in ("boxes", "flips", "valid"))
-    else:
-        boxes, flips, valid = torch.zeros(0, v, 4), torch.zeros(0, v, dtype=torch.bool), torch.zeros(0, dtype=torch.bool)
+    empty = {"boxes": torch.zeros(0, v, 4), "flips": torch.zeros(0, v, dtype=torch.bool),
+             "valid": torch.zeros(0, dtype=torch.bool)}
+    boxes, flips, valid = (torch.cat([empty[name]] + [m[name] for m in metas]) for name in empty)
     return TargetStore(directory, manifest["key"], manifest["shard_size"], d, shards, boxes, flips, valid)
 
 
@@ -396,7 +403,7 @@ def _extract(teacher: Teacher, source: ImageSource, recipe: ViewRecipe, director
     encoded, start = 0, time.perf_counter()
     with make_progress(progress) as bar:
         task = bar.add_task("teacher targets", total=manifest["n_images"], completed=done, info="")
-        for batch in _batches(source, _plan(manifest, todo, per_batch)):
+        for batch in source.iter_batches(_plan(manifest, todo, per_batch)):
             writer.add(batch.index, _encode(teacher, batch.images, Views(views.boxes[batch.index],
                                                                         views.flips[batch.index])))
             encoded += len(batch.index)
@@ -406,16 +413,15 @@ def _extract(teacher: Teacher, source: ImageSource, recipe: ViewRecipe, director
         bar.update(task, completed=manifest["n_images"])
 
 
-def _batches(source: ImageSource, plan: list[torch.Tensor]) -> Iterator[Any]:
-    """The source's own loader (and workers); bad images are dropped there and stay ``valid=False``."""
-    return source.iter_batches(plan)
-
-
 # ---------------------------------------------------------------------------------------------- opening
 
 
 def load_store(cache_dir: Path, key: dict[str, str]) -> TargetStore:
-    """The complete, intact store for ``key``, for callers that must not extract; raises ``StoreError``."""
+    """The complete, intact store for ``key``, for callers that must not extract; raises ``StoreError``.
+
+    ``StoreMismatchError`` (naming the differing key fields) when the stored key differs, or when no
+    store has this key but another one is cached (the nearest is named).
+    """
     directory = store_path(cache_dir, key)
     manifest = _read_manifest(directory)
     if manifest is None:
@@ -434,13 +440,16 @@ def load_store(cache_dir: Path, key: dict[str, str]) -> TargetStore:
 
 
 def _usable_manifest(directory: Path, key: dict[str, str], shape: tuple[int, int, int]) -> dict[str, Any] | None:
-    """The directory's manifest when it is for this key and shape (else log why not)."""
-    manifest = _read_manifest(directory)
+    """The directory's manifest when it is readable and for this key and shape (else log why not)."""
+    try:
+        manifest = _read_manifest(directory)
+    except StoreError as err:
+        log.warning("%s; rebuilding", err)
+        return None
     if manifest is None:
         return None
-    if manifest.get("key") != key:
-        log.warning("target store %s was made for another %s; rebuilding", directory,
-                    _describe(manifest.get("key") or {}, key))
+    if manifest["key"] != key:
+        log.warning("target store %s was made for another %s; rebuilding", directory, _describe(manifest["key"], key))
         return None
     if (manifest["n_images"], manifest["n_views"], manifest["embed_dim"]) != shape:
         log.warning("target store %s has shape %s, not %s; rebuilding", directory,
@@ -473,16 +482,8 @@ def open_store(
         manifest = _new_manifest(key, *shape, shard_size)
         directory.mkdir(parents=True, exist_ok=True)
         atomic_write_json(directory / MANIFEST, manifest)
-    try:
-        _drop_bad_shards(directory, manifest)
-    except (KeyError, TypeError) as err:
-        log.warning("target store manifest %s is malformed (%r); rebuilding", directory / MANIFEST, err)
-        manifest = _new_manifest(key, *shape, shard_size)
-        atomic_write_json(directory / MANIFEST, manifest)
+    _drop_bad_shards(directory, manifest)
     todo = _missing(manifest)
     if todo:
         _extract(teacher, source, recipe, directory, manifest, todo, progress)
-    try:
-        return _load(directory, manifest)
-    except (OSError, ValueError, SafetensorError) as err:
-        raise StoreError(f"target store {directory} changed while it was being opened: {err}") from err
+    return _load(directory, manifest)
