@@ -105,7 +105,7 @@ def setup(cache: Path, scale: DemoScale, progress: bool) -> tuple[Path, Path, Pa
 
 
 def run_demo(out: Path, cache: Path, quick: bool = False, seeds: int = 1, overrides: list[str] | None = None,
-             progress: bool = True) -> dict[str, Any]:
+             progress: bool = True, rows: tuple[Row, ...] = ROWS) -> dict[str, Any]:
     """Every row for every seed; one workspace (decoded images, teacher) serves them all."""
     start = time.perf_counter()
     scale = DemoScale.quick() if quick else DemoScale.full()
@@ -117,26 +117,27 @@ def run_demo(out: Path, cache: Path, quick: bool = False, seeds: int = 1, overri
     per_seed: dict[str, list[dict[str, Any]]] = {}
     ws: Workspace | None = None
     for seed in range(seeds):
-        for row in ROWS:
+        for row in rows:
             cfg = validate_config(raw, [*shared, f"seed={seed}", f"name=seed{seed}/{row.key}", *row.overrides,
                                         *(overrides or [])], f"demo row {row.key}")
             # The world's images are square, so the paper row's squash equals our centre crop: one
             # workspace of decoded images serves every row.
             ws = ws or build_workspace(cfg)
-            if seed == 0 and row.key == "cls":
+            if seed == 0 and "teacher" not in per_seed:
                 per_seed["teacher"] = [evaluate_teacher(cfg, ws, out / "teacher")]
             console.print(f"[bold]seed {seed}[/] {row.label}")
             res = distill(cfg, ws)
             if row.fewshot:
                 res["fewshot"] = run_fewshot(cfg, ws, cfg.run_dir)
             per_seed.setdefault(row.key, []).append(res)
-        if seed == 0:
+        if seed == 0 and {"cls", "best_desc"} <= set(per_seed):
             _plots(out, ws, per_seed)
         timing[f"seed{seed}"] = time.perf_counter() - start - sum(timing.values())
-    summary = summarise(per_seed, scale, time.perf_counter() - start, seeds)
+    labels = {"teacher": "Teacher zero-shot", **{r.key: r.label for r in rows}}
+    summary = summarise(per_seed, labels, scale, time.perf_counter() - start, seeds)
     summary["timing_s"] = {k: round(v, 1) for k, v in timing.items()}
     summary["latency_ms"], teacher_image = _latency(ws, cfg)
-    summary["params"] = {**summary["rows"]["cls"]["params"], "teacher_image": teacher_image}
+    summary["params"] = {**summary["rows"][rows[0].key]["params"], "teacher_image": teacher_image}
     atomic_write_json(out / "results.json", summary)
     plot_ood_by_variant(summary, out / "ood_by_variant.png")
     write_report(summary, out)
@@ -205,16 +206,18 @@ def _get(obj: Any, path: tuple[str, ...]) -> Any:
     return obj
 
 
-def summarise(per_seed: dict[str, list[dict[str, Any]]], scale: DemoScale, seconds: float, seeds: int) -> dict:
+def summarise(per_seed: dict[str, list[dict[str, Any]]], labels: dict[str, str], scale: DemoScale, seconds: float,
+              seeds: int) -> dict:
     rows = {}
-    labels = {"teacher": "Teacher zero-shot", **{r.key: r.label for r in ROWS}}
+    labels |= {key: key for key in per_seed if key not in labels}
     for key, runs in per_seed.items():
         stats = {}
         for name, path in METRICS.items():
             values = [v for v in (_get(r, path) for r in runs) if v is not None]
             if values:
                 stats[name] = {"mean": statistics.fmean(values),
-                               "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+                               "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values),
+                               "values": values}
         rows[key] = {"label": labels[key], "metrics": stats,
                      "runs": [r.get("run") for r in runs], "params": {
                          "teacher": runs[0]["teacher"]["params"],
