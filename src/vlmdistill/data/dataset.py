@@ -84,8 +84,11 @@ class Dataset:
 def _read_list(root: Path, split: str) -> list[tuple[str, str]] | None:
     """(line, class_dir) pairs of a split's list file, or None if there is no list file."""
     path = root / f"{split}_data.txt"
-    if not path.is_file():
-        return None
+    return read_list_file(path, split) if path.is_file() else None
+
+
+def read_list_file(path: Path, split: str) -> list[tuple[str, str]]:
+    """The paper's list format: one ``<split>/<class_dir>/<file>`` a line; returns (line, class_dir) pairs."""
     out = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         line = line.strip()

@@ -17,7 +17,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from vlmdistill.data.dataset import IMAGE_EXTENSIONS, SPLITS, DatasetError
+from vlmdistill.data.dataset import IMAGE_EXTENSIONS, SPLITS, DatasetError, read_list_file
 from vlmdistill.io import atomic_write_json, atomic_write_text, sha256_strings
 from vlmdistill.text.labels import (
     ClassInfo,
@@ -154,18 +154,12 @@ def from_lists(lists_dir: Path, images_root: Path) -> dict[str, dict[str, list[P
         path = Path(lists_dir) / f"{split}_data.txt"
         if not path.is_file():
             raise DatasetError(f"list file {path} is missing (the paper ships train/val_on_train/val lists)")
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            line = line.strip()
-            if not line:
-                continue
-            parts = line.split("/")
-            if len(parts) < 3:
-                raise DatasetError(f"{path}:{n}: expected '{split}/<class_dir>/<file>', got {line!r}")
-            found = index.find(line, parts[1])
+        for line, class_dir in read_list_file(path, split):
+            found = index.find(line, class_dir)
             if found is None:
                 missing.append(line)
             else:
-                out[parts[1]][split].append(found)
+                out[class_dir][split].append(found)
     if missing:
         raise DatasetError(
             f"{len(missing)} images of the list files were not found under {images_root} "
