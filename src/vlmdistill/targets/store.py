@@ -163,14 +163,14 @@ class TargetStore:
             bad = index[~self.valid[index]].tolist()
             raise StoreError(f"no teacher targets for images {bad}: they could not be decoded at extraction")
         idx, vid = index.cpu().numpy(), view_ids.cpu().numpy()
-        out = np.empty((len(idx), self.embed_dim), dtype=_DTYPE)
+        out = np.empty((len(idx), self.embed_dim), dtype=np.float32)
         shard_of = idx // self.shard_size
         order = np.argsort(shard_of, kind="stable")
         for group in np.split(order, np.flatnonzero(np.diff(shard_of[order])) + 1):
             if len(group):
                 shard = self.shards[shard_of[group[0]]]
                 out[group] = shard.feats[idx[group] - shard.start, vid[group]]
-        return torch.from_numpy(out).float()
+        return torch.from_numpy(out)
 
 
 def store_footprint(store: TargetStore) -> dict[str, float]:
@@ -347,13 +347,18 @@ class _ShardWriter:
         self._valid: np.ndarray | None = None
 
     def add(self, index: torch.Tensor, feats: torch.Tensor) -> None:
-        """Rows of one batch; a batch never spans two shards."""
+        """Rows of one batch (never spanning two shards, ascending); a shard is written once its last row is in.
+
+        A shard whose last image is bad is written when the stream reaches the next shard, or at the end.
+        """
         while self.todo[0] < int(index[0]) // self.manifest["shard_size"]:
             self._flush()
-        start, _ = self._buffers()
+        start, stop = self._buffers()
         rows = index.numpy() - start
         self._feats[rows] = feats.numpy()
         self._valid[rows] = True
+        if int(index[-1]) == stop - 1:
+            self._flush()
 
     def finish(self) -> None:
         while self.todo:
