@@ -79,3 +79,9 @@ def test_text_stats_reports_both_recipes(base_overrides: list[str], tmp_path: Pa
     for recipe in stats["ood"].values():
         assert -1.0 <= recipe["mean_pairwise_cosine"] <= 1.0
     assert (out / "text_spectrum_ood.png").stat().st_size > 1000
+
+
+def test_cache_verb_builds_the_store(base_overrides: list[str]) -> None:
+    res = CliRunner().invoke(app, ["cache", "-", *base_overrides, "train.target_views=2"])
+    assert res.exit_code == 0, res.output
+    assert "3 views" in res.output and "MiB on disk" in res.output

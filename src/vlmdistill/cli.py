@@ -202,7 +202,7 @@ def demo(
 @app.command()
 def cache(config: ConfigArg, overrides: Overrides = None) -> None:
     """Extract and store the teacher's embeddings of every training image under its stored views."""
-    from vlmdistill.targets.store import ViewRecipe, open_store, store_path
+    from vlmdistill.targets.store import ViewRecipe, open_store, store_footprint, store_path
     from vlmdistill.train import build_workspace
 
     cfg = _load(config, overrides)
@@ -210,8 +210,10 @@ def cache(config: ConfigArg, overrides: Overrides = None) -> None:
     views = 0 if cfg.train.teacher_view == "whole" else cfg.train.target_views
     recipe = ViewRecipe(views, cfg.seed, cfg.data.crop_scale, cfg.data.hflip)
     store = _run(open_store, ws.teacher, ws.train, recipe, cfg.cache_dir, cfg.train.progress)
-    console.print(f"target store: {len(store.valid)} images x {store.n_views} views -> "
-                  f"{store_path(cfg.cache_dir, store.key)}")
+    fp = store_footprint(store)
+    console.print(f"target store: {fp['n_images']} images x {fp['n_views']} views x {fp['embed_dim']} dims, "
+                  f"{fp['disk_bytes'] / 2**20:.1f} MiB on disk ({fp['disk_bytes_per_1000_image_views'] / 2**20:.2f} "
+                  f"MiB per 1000 image-views) -> {store_path(cfg.cache_dir, store.key)}")
 
 
 @app.command("text-stats")
