@@ -169,3 +169,14 @@ def test_save_config_round_trips(tmp_path: Path) -> None:
     assert again == cfg
     assert again.teacher.model_config_path == Path("configs/tiny.json")
     assert again.optim.milestones == pytest.approx((1 / 3, 2 / 3))
+
+
+def test_written_files_get_ordinary_permissions(tmp_path: Path) -> None:
+    import os
+
+    from vlmdistill.io import atomic_write_text
+
+    atomic_write_text(tmp_path / "a.txt", "x")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert os.stat(tmp_path / "a.txt").st_mode & 0o777 == 0o666 & ~mask

@@ -67,3 +67,14 @@ def test_hf_clip_local_directory(hf_clip_dir: Path) -> None:
     assert torch.allclose(got, ref, atol=1e-5)
     assert t.encode_images(torch.rand(2, 3, 32, 32)).shape == (2, 16)
     assert t.id.startswith("hf:")
+
+
+def test_random_teachers_are_told_apart(open_clip_teacher_files: tuple[Path, Path]) -> None:
+    cfg_path, _ = open_clip_teacher_files
+    torch.manual_seed(1)
+    a = load_teacher(TeacherConfig(model_config=cfg_path, pretrained="random", device="cpu"))
+    torch.manual_seed(2)
+    b = load_teacher(TeacherConfig(model_config=cfg_path, pretrained="random", device="cpu"))
+    torch.manual_seed(1)
+    again = load_teacher(TeacherConfig(model_config=cfg_path, pretrained="random", device="cpu"))
+    assert a.id != b.id and a.id == again.id

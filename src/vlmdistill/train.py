@@ -196,7 +196,7 @@ class Distiller:
         return embed_texts(self.ws.teacher, texts, self.cfg.cache_dir)
 
     # ----------------------------------------------------------------- teacher targets
-    def _prepare_targets(self) -> None:
+    def prepare_targets(self) -> None:
         """Whole-image targets (paper) or stored random views; online teacher when views can't be stored."""
         cfg = self.cfg
         if cfg.train.teacher_view == "whole":
@@ -289,7 +289,7 @@ class Distiller:
         save_config(cfg, run_dir / "config.yaml")
         steps_per_epoch = len(self.pass_batches(0, 0)) * cfg.optim.repeat_epochs
         if self.objective.needs_teacher:
-            self._prepare_targets()
+            self.prepare_targets()
         optimizer, scheduler, sched_per_step = build_optimizer(cfg, self.trainable(), steps_per_epoch)
         torch.manual_seed(cfg.seed)
         loop = LoopState()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -11,6 +12,15 @@ import torch
 from vlmdistill.config import TeacherConfig
 from vlmdistill.io import sha256_file, sha256_strings
 from vlmdistill.teachers.base import Teacher, TeacherLoadError, resolve_device
+
+
+def _state_digest(model: torch.nn.Module) -> str:
+    """Random weights are identified by their values, so two random teachers never share a cache."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 class OpenClipTeacher(Teacher):
@@ -54,6 +64,8 @@ class OpenClipTeacher(Teacher):
             probe = self.tokenizer(["a"])
             self.embed_dim = int(model.encode_text(probe.to("cpu") if hasattr(probe, "to") else probe).shape[-1])
         self.model.to(device)
+        if weights == "random":
+            weights = "random:" + _state_digest(model)
         self.id = "open_clip:" + sha256_strings(
             [name, weights, config_digest, str(self.image_size), repr(self.mean), repr(self.std)]
         )[:20]
