@@ -39,6 +39,20 @@ class _Decoded(TorchDataset):
             return torch.zeros(3, self.base_size, self.base_size, dtype=torch.uint8), i, False
 
 
+class _PassBatches:
+    """A batch sampler whose batches are set before each pass, so one DataLoader, and its worker
+    processes, serve every pass instead of starting new workers each time."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 @dataclass
 class ImageSource:
     """Serves ``Batch``es of base images for any order of indices."""
@@ -51,6 +65,8 @@ class ImageSource:
     preload: bool = False
     bad: set[int] = field(default_factory=set)
     _images: torch.Tensor | None = None
+    _loader: DataLoader | None = field(default=None, repr=False)
+    _sampler: _PassBatches = field(default_factory=_PassBatches, repr=False)
 
     def __post_init__(self) -> None:
         self._dataset = _Decoded(self.records, self.base_size, self.resize, self.skip_bad)
@@ -83,12 +99,14 @@ class ImageSource:
         return sorted(self.records[i].key for i in self.bad)
 
     def _stream(self, batches: list[list[int]], keep_bad: bool = False) -> Iterator[Batch]:
-        loader = DataLoader(
-            self._dataset,
-            batch_sampler=batches,
-            num_workers=self.num_workers,
-            persistent_workers=False,
-        )
+        if self.num_workers == 0:
+            loader = DataLoader(self._dataset, batch_sampler=batches)
+        else:
+            if self._loader is None:
+                self._loader = DataLoader(self._dataset, batch_sampler=self._sampler, num_workers=self.num_workers,
+                                          persistent_workers=True)
+            self._sampler.batches = batches
+            loader = self._loader
         for images, index, ok in loader:
             self.bad.update(index[~ok].tolist())
             if not keep_bad and not ok.all():
