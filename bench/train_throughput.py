@@ -23,12 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from _common import TEACHER_LABELS, bench_config, parse_args, prepared_dataset, print_table, setup, sync, write_results
 
 from vlmdistill.config import ExperimentConfig
 from vlmdistill.data.views import render
-from vlmdistill.losses import LossInputs
 from vlmdistill.students import count_parameters
 from vlmdistill.teachers import Teacher
 from vlmdistill.train import Distiller, Workspace, build_optimizer, build_workspace
@@ -60,7 +58,6 @@ class Resident:
     """One training batch rendered and looked up once, kept on the device for the ceiling arm."""
 
     pixels: torch.Tensor
-    labels: torch.Tensor
     targets: torch.Tensor
 
 
@@ -95,24 +92,12 @@ def resident_batch(store_arm: Distiller, batch_size: int) -> Resident:
     view_ids = torch.ones_like(index)
     pixels = render(batch.images, store_arm.store.views(index, view_ids), store_arm.cfg.student.image_size)
     dev = store_arm.device
-    return Resident(pixels.to(dev), store_arm.train_set.labels[index].to(dev),
-                    store_arm.store.targets(index, view_ids).to(dev))
+    return Resident(pixels.to(dev), store_arm.store.targets(index, view_ids).to(dev))
 
 
 def ceiling_step(d: Distiller, optimizer: torch.optim.Optimizer, x: Resident, n: int) -> None:
-    """What ``Distiller.step`` computes (student, same loss terms, backward, optimiser), minus the data."""
-    amp = d.cfg.train.amp and d.device.type == "cuda"
-    with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=amp):
-        s_raw = d.student(x.pixels[:n]).float()
-    t_raw = x.targets[:n]
-    inputs = LossInputs(s=F.normalize(s_raw, dim=-1), y=x.labels[:n], w=d.w_train, t=F.normalize(t_raw, dim=-1),
-                        s_raw=s_raw, t_raw=t_raw)
-    loss, _ = d.objective(inputs)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if d.cfg.optim.grad_clip:
-        torch.nn.utils.clip_grad_norm_(d.student.parameters(), d.cfg.optim.grad_clip)
-    optimizer.step()
+    """``Distiller.update`` (student, same loss terms, backward, optimiser) on resident tensors: no data side."""
+    d.update(x.pixels[:n], torch.arange(n), x.targets[:n], optimizer)
 
 
 def ceiling_pass(d: Distiller, optimizer: torch.optim.Optimizer, x: Resident, epoch: int) -> tuple[int, float]:

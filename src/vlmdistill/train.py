@@ -223,18 +223,24 @@ class Distiller:
 
     # ----------------------------------------------------------------- one step
     def step(self, images: torch.Tensor, index: torch.Tensor, optimizer: Any, g: torch.Generator) -> dict[str, float]:
-        labels = self.train_set.labels[index].to(self.device)
+        """Data side of a step: views, the teacher's targets of those views, rendering; then ``update``."""
         views, t_raw = self._views_and_targets(index, images, g)
         if self.cfg.data.randaugment:
             images = randaugment(images, g, per_batch=self.per_batch)
         pixels = render(images, views, self.cfg.student.image_size).to(self.device, non_blocking=True)
+        return self.update(pixels, index, t_raw, optimizer)
+
+    def update(
+        self, pixels: torch.Tensor, index: torch.Tensor, t_raw: torch.Tensor | None, optimizer: Any
+    ) -> dict[str, float]:
+        """Compute side of a step: student forward, the loss terms, backward, optimiser step."""
         amp = self.cfg.train.amp and self.device.type == "cuda"
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
             s_raw = self.student(pixels).float()
         t_raw = t_raw.to(self.device) if t_raw is not None else None
         inputs = LossInputs(
             s=F.normalize(s_raw, dim=-1),
-            y=labels,
+            y=self.train_set.labels[index].to(self.device),
             w=self._train_texts(),
             t=F.normalize(t_raw, dim=-1) if t_raw is not None else None,
             s_raw=s_raw,
