@@ -7,7 +7,6 @@ enough for a resumed run to continue exactly as if it had never stopped.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,7 +119,3 @@ def load_checkpoint(
         setattr(scheduler, key, value)
     torch.set_rng_state(tensors["rng.torch"])
     return LoopState(**meta["loop"])
-
-
-def checkpoint_meta(run_dir: Path) -> dict[str, Any]:
-    return json.loads(checkpoint_paths(run_dir)[2].read_text())["model"]

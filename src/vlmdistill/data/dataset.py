@@ -77,9 +77,6 @@ class Dataset:
     def ood_space(self) -> LabelSpace:
         return self.ood_val.space
 
-    def fingerprint_records(self) -> list[str]:
-        return [r.key for r in self.train.records]
-
 
 def _read_list(root: Path, split: str) -> list[tuple[str, str]] | None:
     """(line, class_dir) pairs of a split's list file, or None if there is no list file."""

@@ -28,7 +28,7 @@ from vlmdistill.demo.report import (
 )
 from vlmdistill.demo.teacher import TeacherRecipe, train_teacher
 from vlmdistill.fewshot import run_fewshot
-from vlmdistill.io import atomic_write_json, read_json
+from vlmdistill.io import atomic_write_json
 from vlmdistill.jobs import distill, evaluate_teacher, load_student, teacher_embed
 from vlmdistill.progress import console
 from vlmdistill.train import Distiller, Workspace, build_workspace
@@ -231,7 +231,3 @@ def _machine() -> str:
     import platform
 
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
-
-
-def load_summary(out: Path) -> dict[str, Any]:
-    return read_json(out / "results.json")
