@@ -28,9 +28,18 @@ def teacher_view(cfg: ExperimentConfig, n: int) -> Views:
 
 
 def teacher_embed(cfg: ExperimentConfig, ws: Workspace, source: ImageSource) -> tuple[torch.Tensor, torch.Tensor]:
-    return embed_source(
-        ws.teacher.encode_images, source, ws.teacher.image_size, lambda n: teacher_view(cfg, n), ws.teacher.batch_size
-    )
+    """The frozen teacher's eval-view embeddings of a split; the workspace's own splits are embedded once."""
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        return embed_source(ws.teacher.encode_images, source, ws.teacher.image_size, lambda n: teacher_view(cfg, n),
+                            ws.teacher.batch_size)
+
+    if not any(source is own for own in (ws.train, ws.id_val, ws.ood_val)):
+        return run()
+    key = (id(source), f"{cfg.mode}:{cfg.data.eval_crop}")
+    if key not in ws.teacher_features:
+        ws.teacher_features[key] = run()
+    return ws.teacher_features[key]
 
 
 def evaluate_teacher(cfg: ExperimentConfig, ws: Workspace, out_dir: Path | None = None) -> dict[str, Any]:

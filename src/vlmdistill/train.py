@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,7 @@ class Workspace:
     train: ImageSource
     id_val: ImageSource
     ood_val: ImageSource
+    teacher_features: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 def build_workspace(cfg: ExperimentConfig, teacher: Teacher | None = None) -> Workspace:
