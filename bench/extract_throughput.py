@@ -6,7 +6,7 @@ Extraction is ``open_store`` on an empty cache: decoding, rendering every view a
 encoding, writing the store. Raw forward is ``Teacher.encode_images`` on one resident batch of
 ``teacher.batch_size`` images (the size extraction encodes at), timed before and after extraction so a
 drift in machine load hits both. Also: reopening the finished store, and its footprint in bytes per
-1,000 images per view, on disk and held in memory (``store_footprint`` when the store module has it).
+1,000 images per view, on disk and held in memory (``store_footprint``).
 Goal: extraction / raw forward >= 0.8.
 """
 
@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from _common import TEACHER_LABELS, bench_config, parse_args, prepared_dataset, print_table, setup, sync, write_results
 
-import vlmdistill.targets.store as store_module
-from vlmdistill.targets.store import TargetStore, ViewRecipe, open_store
+from vlmdistill.targets.store import TargetStore, ViewRecipe, open_store, store_footprint
 from vlmdistill.teachers import Teacher
 from vlmdistill.train import build_workspace
 
@@ -54,17 +53,10 @@ def raw_forward(teacher: Teacher, n_batches: int) -> tuple[int, float]:
     return teacher.batch_size * n_batches, time.perf_counter() - start
 
 
-def footprint(store: TargetStore, cache_dir: Path) -> tuple[dict[str, Any], str]:
-    """Disk and in-memory bytes of the store, from ``store_footprint`` when it exists, else measured here:
-    every file under ``cache_dir/targets``, and the ``nbytes`` of the store's tensor fields."""
-    measure = getattr(store_module, "store_footprint", None)
-    if measure is not None:
-        found = dict(measure(store))
-        return {**found, "memory_bytes": found.get("ram_bytes", found.get("memory_bytes"))}, "store_footprint"
-    disk = sum(f.stat().st_size for f in (cache_dir / "targets").rglob("*") if f.is_file())
-    tensors = (getattr(store, f.name) for f in fields(store))
-    memory = sum(t.nbytes for t in tensors if isinstance(t, torch.Tensor))
-    return {"disk_bytes": disk, "memory_bytes": memory}, "files and tensors (no store_footprint)"
+def footprint(store: TargetStore) -> tuple[dict[str, Any], str]:
+    """Disk and in-memory bytes of the store, as the store reports them."""
+    found = dict(store_footprint(store))
+    return {**found, "memory_bytes": found["ram_bytes"]}, "store_footprint"
 
 
 def main() -> None:
@@ -88,7 +80,7 @@ def main() -> None:
         start = time.perf_counter()
         open_store(teacher, ws.train, recipe, cfg.cache_dir, progress=False)
         reopen_s = time.perf_counter() - start
-        foot, foot_source = footprint(store, cfg.cache_dir)
+        foot, foot_source = footprint(store)
         n_images, n_views, dim = len(ws.train), store.n_views, teacher.embed_dim
 
     image_views = n_images * n_views
