@@ -24,7 +24,7 @@ from vlmdistill.data.views import render, sample_views
 from vlmdistill.evaluate import classification_metrics, mean_per_class_recall
 from vlmdistill.io import atomic_write_json, read_json
 from vlmdistill.jobs import RunError, load_student, teacher_embed
-from vlmdistill.train import Distiller, EvalSet, TrainSet, Workspace
+from vlmdistill.train import Distiller, EvalSet, TrainSet, Workspace, class_texts, default_sets
 
 
 def select_support(split: Split, shots: int, seed: int, rule: str) -> list[int]:
@@ -48,21 +48,19 @@ def select_support(split: Split, shots: int, seed: int, rule: str) -> list[int]:
     return chosen
 
 
-def fewshot_sets(distiller: Distiller, support: list[int]) -> tuple[TrainSet, EvalSet]:
+def fewshot_sets(cfg: ExperimentConfig, ws: Workspace, support: list[int]) -> tuple[TrainSet, EvalSet]:
     """Train on ID-train + support (labels ID then OOD); evaluate OOD without the support images."""
-    ws = distiller.ws
+    w_id, w_ood = class_texts(cfg, ws)
+    base, e = default_sets(ws, w_id)
     ood = ws.dataset.ood_val
     rest = sorted(set(range(len(ood))) - set(support))
-    base = distiller.train_set
-    n_id = distiller.n_id
     ood_labels = torch.tensor(ood.labels, dtype=torch.long)
     train = TrainSet(
         source=base.source.concat(ws.ood_val.subset(support)),
-        labels=torch.cat([base.labels, ood_labels[support] + n_id]),
-        w=torch.cat([distiller.w_id, distiller.w_ood]).cpu(),
+        labels=torch.cat([base.labels, ood_labels[support] + len(w_id)]),
+        w=torch.cat([w_id, w_ood]),
         support=torch.arange(len(base.labels) + len(support)) >= len(base.labels),
     )
-    e = distiller.eval_set
     evals = EvalSet(e.id_source, e.id_labels, ws.ood_val.subset(rest), ood_labels[rest])
     return train, evals
 
@@ -80,9 +78,7 @@ def finetune(
 ) -> tuple[dict[str, Any], Distiller]:
     """The paper's few-shot finetuning, starting from the distilled weights with a fresh optimiser."""
     ft_cfg = fewshot_config(cfg, from_run, method)
-    base = Distiller(ft_cfg, ws)
-    train_set, eval_set = fewshot_sets(base, support)
-    distiller = Distiller(ft_cfg, ws, train_set, eval_set)
+    distiller = Distiller(ft_cfg, ws, *fewshot_sets(ft_cfg, ws, support))
     load_student(distiller, from_run)
     return distiller.fit(), distiller
 
@@ -107,9 +103,8 @@ def run_continual(cfg: ExperimentConfig, ws: Workspace, from_run: Path) -> dict[
     halves = [set(order[: (n_ood + 1) // 2]), set(order[(n_ood + 1) // 2 :])]
     support_all = select_support(ws.dataset.ood_val, cfg.fewshot.shots, cfg.seed, cfg.fewshot.selection)
     support = [i for i in support_all if ws.dataset.ood_val.labels[i] in halves[0]]
-    before = Distiller(cfg, ws)
+    before = Distiller(cfg, ws, eval_set=fewshot_sets(cfg, ws, support)[1])
     load_student(before, from_run)
-    _, before.eval_set = fewshot_sets(before, support)
     _, after = finetune(cfg, ws, from_run, support, method="continual")
     names = ws.dataset.ood_space.dirs
     return {
@@ -126,7 +121,7 @@ def tip_adapter(cfg: ExperimentConfig, ws: Workspace, from_run: Path, support: l
     f = cfg.fewshot
     distiller = Distiller(cfg, ws)
     load_student(distiller, from_run)
-    _, eval_set = fewshot_sets(distiller, support)
+    _, eval_set = fewshot_sets(cfg, ws, support)
     shots = ws.ood_val.subset(support)
     labels = torch.tensor(ws.dataset.ood_val.labels, dtype=torch.long)[support]
     keys = F.normalize(_keys(cfg, ws, distiller, shots), dim=-1)
