@@ -9,6 +9,9 @@ import json
 import logging
 import os
 import platform
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -68,12 +71,16 @@ def make_images(root: Path, per_class: int, size: int, seed: int = 0) -> None:
                 img.save(folder / f"{i:04d}.png")
 
 
-def prepared_dataset(work: Path, per_class: int, size: int) -> Path:
-    """Generated class folders split by ``vlmdistill prepare``: 8 ID classes with 90 % of their images in
-    ID-train (8 * ceil(0.9 * per_class) training images), 2 OOD classes."""
-    make_images(work / "images", per_class, size)
-    prepare(work / "data", images=work / "images", seed=0, id_fraction=0.8, train_fraction=0.9)
-    return work / "data"
+@contextmanager
+def bench_dataset(per_class: int, size: int) -> Iterator[tuple[Path, Path]]:
+    """A fresh temp folder (so no cache is reused) holding generated class folders split by
+    ``vlmdistill prepare``: 8 ID classes with 90 % of their images in ID-train, 2 OOD classes.
+    Yields (work folder, prepared dataset)."""
+    with tempfile.TemporaryDirectory(prefix="vlmdistill-bench-") as tmp:
+        work = Path(tmp)
+        make_images(work / "images", per_class, size)
+        prepare(work / "data", images=work / "images", seed=0, id_fraction=0.8, train_fraction=0.9)
+        yield work, work / "data"
 
 
 TEACHER_LABELS = {

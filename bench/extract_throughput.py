@@ -12,14 +12,12 @@ Goal: extraction / raw forward >= 0.8.
 
 from __future__ import annotations
 
-import tempfile
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
-from _common import TEACHER_LABELS, bench_config, parse_args, prepared_dataset, print_table, setup, sync, write_results
+from _common import TEACHER_LABELS, bench_config, bench_dataset, parse_args, print_table, setup, sync, write_results
 
 from vlmdistill.targets.store import TargetStore, ViewRecipe, open_store, store_footprint
 from vlmdistill.teachers import Teacher
@@ -63,9 +61,7 @@ def main() -> None:
     args = parse_args(__doc__)
     setup(args)
     s = QUICK if args.quick else FULL
-    with tempfile.TemporaryDirectory(prefix="vlmdistill-bench-") as tmp:
-        work = Path(tmp)
-        data_dir = prepared_dataset(work, s.per_class, s.image_px)
+    with bench_dataset(s.per_class, s.image_px) as (work, data_dir):
         cfg = bench_config(work, data_dir, args, [f"data.base_size={s.image_px}", f"train.target_views={s.views}",
                                                   f"teacher.batch_size={s.images_per_batch * (s.views + 1)}"])
         torch.manual_seed(0)

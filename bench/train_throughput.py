@@ -15,15 +15,13 @@ one-time store extraction is timed apart. Goals: a/b >= 3x, overhead 1 - a/c <= 
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
-from _common import TEACHER_LABELS, bench_config, parse_args, prepared_dataset, print_table, setup, sync, write_results
+from _common import TEACHER_LABELS, bench_config, bench_dataset, parse_args, print_table, setup, sync, write_results
 
 from vlmdistill.config import ExperimentConfig
 from vlmdistill.data.views import render
@@ -224,9 +222,7 @@ def main() -> None:
     args = parse_args(__doc__)
     setup(args)
     s = QUICK if args.quick else FULL
-    with tempfile.TemporaryDirectory(prefix="vlmdistill-bench-") as tmp:
-        work = Path(tmp)
-        data_dir = prepared_dataset(work, s.per_class, s.image_px)
+    with bench_dataset(s.per_class, s.image_px) as (work, data_dir):
         shared = [f"data.base_size={s.image_px}", f"student.arch={s.student}", f"student.image_size={s.student_px}",
                   f"optim.batch_size={s.batch}", f"teacher.batch_size={s.batch}",
                   "loss.imcst.weight=1", "loss.vlalign.weight=1"]
