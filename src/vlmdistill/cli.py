@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 import typer
 from rich.logging import RichHandler
 
+from vlmdistill.errors import VlmdistillError
 from vlmdistill.progress import console
 
 if TYPE_CHECKING:
@@ -36,29 +37,11 @@ Overrides = Annotated[
 ]
 
 
-class _UserError(Exception):
-    """Errors whose message is the whole story: printed without a traceback."""
-
-
-def _user_errors() -> tuple[type[Exception], ...]:
-    from vlmdistill.config import ConfigError
-    from vlmdistill.data.dataset import DatasetError
-    from vlmdistill.images import BadImageError
-    from vlmdistill.jobs import RunError
-    from vlmdistill.report import ReportError
-    from vlmdistill.students import StudentBuildError
-    from vlmdistill.teachers import TeacherLoadError
-    from vlmdistill.text.labels import LabelFileError
-
-    return (ConfigError, DatasetError, BadImageError, RunError, ReportError, StudentBuildError, TeacherLoadError,
-            LabelFileError, _UserError)
-
-
 def _run(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run a job; known input errors become one red line and exit code 2 instead of a traceback."""
     try:
         return fn(*args, **kwargs)
-    except _user_errors() as err:
+    except VlmdistillError as err:
         console.print(f"[bold red]error:[/] {err}")
         raise typer.Exit(2) from None
 

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from vlmdistill.errors import VlmdistillError
 
 
 class _Strict(BaseModel):
@@ -57,6 +58,7 @@ class DataConfig(_Strict):
     hflip: bool = True
     randaugment: bool = False
     eval_crop: float = 0.875
+    teacher_eval_view: Literal["center", "whole"] = "center"
     num_workers: int = 2
     preload: bool = False
     skip_bad_images: bool = False
@@ -127,6 +129,7 @@ class OptimConfig(_Strict):
     batch_size: int = 128
     eval_batch_size: int = 256
     grad_clip: float | None = None
+    onecycle_per: Literal["step", "epoch"] = "step"
 
 
 class TrainConfig(_Strict):
@@ -163,7 +166,8 @@ class FewShotConfig(_Strict):
 
 
 PAPER_MODE: dict[str, dict[str, Any]] = {
-    "data": {"resize": "squash", "augment_per": "batch", "base_size": 256},
+    "data": {"resize": "squash", "augment_per": "batch", "base_size": 256, "teacher_eval_view": "whole"},
+    "optim": {"onecycle_per": "epoch"},
     "train": {"teacher_view": "whole", "average_last": 5, "amp": False},
     "loss": {"temperature": 0.07},
     "fewshot": {"selection": "first", "keys": "teacher", "text_scale": 1.0, "key_views": 10},
@@ -216,7 +220,7 @@ class ExperimentConfig(_Strict):
         return self.output_dir / self.name
 
 
-class ConfigError(ValueError):
+class ConfigError(VlmdistillError, ValueError):
     """A config file or override that cannot be used; the message names the file and the key."""
 
 

@@ -8,11 +8,12 @@ from typing import Literal
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from vlmdistill.errors import VlmdistillError
 
 ResizeMode = Literal["squash", "center_crop"]
 
 
-class BadImageError(RuntimeError):
+class BadImageError(VlmdistillError, RuntimeError):
     """An image that cannot be read; the message names the file and the way out."""
 
     def __init__(self, path: Path, reason: str) -> None:

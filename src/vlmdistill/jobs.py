@@ -12,14 +12,11 @@ from vlmdistill.checkpoint import checkpoint_paths, load_weights
 from vlmdistill.config import ExperimentConfig, config_to_dict, save_config
 from vlmdistill.data.source import ImageSource
 from vlmdistill.data.views import Views
+from vlmdistill.errors import RunError
 from vlmdistill.evaluate import embed_source, zero_shot_metrics
 from vlmdistill.io import atomic_write_json
 from vlmdistill.students import count_parameters
 from vlmdistill.train import Distiller, Workspace, build_workspace, class_texts
-
-
-class RunError(RuntimeError):
-    """A run directory that cannot be evaluated; the message says what is missing."""
 
 
 def teacher_view(cfg: ExperimentConfig, n: int) -> Views:

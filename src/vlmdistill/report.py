@@ -10,6 +10,8 @@ from typing import Any
 
 from rich.table import Table
 
+from vlmdistill.errors import VlmdistillError
+
 COLUMNS = (
     ("ID", ("metrics", "id", "mean_per_class_recall")),
     ("OOD 0-shot", ("metrics", "ood", "mean_per_class_recall")),
@@ -24,7 +26,7 @@ COLUMNS = (
 )
 
 
-class ReportError(ValueError):
+class ReportError(VlmdistillError, ValueError):
     pass
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vlmdistill.errors import VlmdistillError
 from vlmdistill.text.labels import (
     ClassInfo,
     LabelFileError,
@@ -30,7 +31,7 @@ SPLITS = ("train", "val_on_train", "val")
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
-class DatasetError(ValueError):
+class DatasetError(VlmdistillError, ValueError):
     """A dataset folder that cannot be used; the message names the file and the fix."""
 
 

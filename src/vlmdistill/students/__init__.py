@@ -16,12 +16,13 @@ import torchvision
 from torch import nn
 
 from vlmdistill.config import StudentConfig
+from vlmdistill.errors import VlmdistillError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class StudentBuildError(ValueError):
+class StudentBuildError(VlmdistillError, ValueError):
     """An unknown architecture or unavailable pretrained weights."""
 
 

@@ -50,6 +50,7 @@ from vlmdistill.data.views import Views, render, sample_views
 from vlmdistill.io import atomic_write_json, read_json, sha256_file, sha256_strings
 from vlmdistill.progress import make_progress
 from vlmdistill.teachers.base import Teacher
+from vlmdistill.errors import VlmdistillError
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ SETTLE_NS = 2_000_000_000
 _DTYPE = np.dtype(np.float16)
 
 
-class StoreError(RuntimeError):
+class StoreError(VlmdistillError, RuntimeError):
     """A target store that cannot be used as it is; the message says why."""
 
 

@@ -9,15 +9,11 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
+from vlmdistill.errors import VlmdistillError
 
-class TeacherLoadError(RuntimeError):
+
+class TeacherLoadError(VlmdistillError, RuntimeError):
     """A teacher that cannot be built; the message says what was asked for and how to get it."""
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

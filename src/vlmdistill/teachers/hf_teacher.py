@@ -8,8 +8,9 @@ import torch
 from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
 from vlmdistill.config import TeacherConfig
+from vlmdistill.device import resolve_device
 from vlmdistill.io import sha256_file, sha256_strings
-from vlmdistill.teachers.base import Teacher, TeacherLoadError, resolve_device
+from vlmdistill.teachers.base import Teacher, TeacherLoadError
 
 _CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -10,8 +10,9 @@ import open_clip
 import torch
 
 from vlmdistill.config import TeacherConfig
+from vlmdistill.device import resolve_device
 from vlmdistill.io import sha256_file, sha256_strings
-from vlmdistill.teachers.base import Teacher, TeacherLoadError, resolve_device
+from vlmdistill.teachers.base import Teacher, TeacherLoadError
 
 
 def _state_digest(model: torch.nn.Module) -> str:

@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
+from vlmdistill.errors import VlmdistillError
 
 
-class LabelFileError(ValueError):
+class LabelFileError(VlmdistillError, ValueError):
     """A label or description file that cannot be used; the message names the file and the fix."""
 
 
