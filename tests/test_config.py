@@ -81,6 +81,34 @@ def test_bad_values_are_rejected_naming_the_key() -> None:
         load_config(None, ["optim.lr=fast"])
 
 
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("optim.epochs=0", r"optim\.epochs must be >= 1, got 0"),
+        ("optim.repeat_epochs=0", r"optim\.repeat_epochs must be >= 1"),
+        ("optim.lr=-1", r"optim\.lr must be > 0"),
+        ("optim.batch_size=0", r"optim\.batch_size must be >= 1"),
+        ("optim.eval_batch_size=0", r"optim\.eval_batch_size must be >= 1"),
+        ("teacher.batch_size=0", r"teacher\.batch_size must be >= 1"),
+        ("train.eval_every=0", r"train\.eval_every must be >= 1"),
+        ("train.checkpoint_every=0", r"train\.checkpoint_every must be >= 1"),
+        ("train.log_every=0", r"train\.log_every must be >= 1"),
+        ("train.target_views=-1", r"train\.target_views must be >= 0"),
+        ("data.eval_crop=0", r"data\.eval_crop must be > 0"),
+        ("data.eval_crop=1.5", r"data\.eval_crop must be <= 1"),
+        ("data.crop_scale=[0.9,0.2]", r"data\.crop_scale: .*min <= max"),
+        ("data.crop_scale=[0,1]", r"data\.crop_scale\.0 must be > 0"),
+        ("loss.temperature=0", r"loss\.temperature must be > 0"),
+        ("loss.mse.weight=-1", r"loss\.mse\.weight must be >= 0"),
+        ("fewshot.shots=0", r"fewshot\.shots must be >= 1"),
+        ("student.image_size=4", r"student\.image_size must be >= 8"),
+    ],
+)
+def test_numbers_out_of_range_name_the_key_and_the_range(override: str, named: str) -> None:
+    with pytest.raises(ConfigError, match=named):
+        load_config(None, [override])
+
+
 def test_malformed_override_and_non_section() -> None:
     with pytest.raises(ConfigError, match="key=value"):
         load_config(None, ["optim.lr"])

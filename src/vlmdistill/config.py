@@ -9,11 +9,20 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
 from vlmdistill.errors import VlmdistillError
+
+# Ranges every numeric key must lie in: a value outside one is refused with the key and the range,
+# instead of running (epochs=0 "completes" untrained) or failing deep inside torch (batch_size=0).
+Count = Annotated[int, Field(ge=1)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+Positive = Annotated[float, Field(gt=0)]
+NonNegative = Annotated[float, Field(ge=0)]
+Fraction = Annotated[float, Field(gt=0, le=1)]
 
 
 class _Strict(BaseModel):
@@ -32,7 +41,7 @@ class TeacherConfig(_Strict):
     model_config_path: Path | None = Field(default=None, alias="model_config")
     device: str = "auto"
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
-    batch_size: int = 256
+    batch_size: Count = 256
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, protected_namespaces=())
 
@@ -42,8 +51,8 @@ class StudentConfig(_Strict):
 
     arch: str = "tv:resnet18"
     pretrained: bool = False
-    image_size: int = 224
-    drop_path: float = 0.0
+    image_size: Annotated[int, Field(ge=8)] = 224
+    drop_path: Annotated[float, Field(ge=0, lt=1)] = 0.0
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -51,17 +60,24 @@ class DataConfig(_Strict):
     """A prepared dataset directory (see ``vlmdistill prepare``) and how images become tensors."""
 
     dir: Path = Path("data")
-    base_size: int = 256
+    base_size: Annotated[int, Field(ge=8)] = 256
     resize: Literal["squash", "center_crop"] = "center_crop"
     augment_per: Literal["image", "batch"] = "image"
-    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_scale: tuple[Fraction, Fraction] = (0.08, 1.0)
     hflip: bool = True
     randaugment: bool = False
-    eval_crop: float = 0.875
+    eval_crop: Fraction = 0.875
     teacher_eval_view: Literal["center", "whole"] = "center"
-    num_workers: int = 2
+    num_workers: NonNegativeInt = 2
     preload: bool = False
     skip_bad_images: bool = False
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _ordered_scale(cls, scale: tuple[float, float]) -> tuple[float, float]:
+        if scale[0] > scale[1]:
+            raise ValueError(f"crop_scale must be [min, max] with 0 < min <= max <= 1, got {list(scale)}")
+        return scale
 
 
 class TextConfig(_Strict):
@@ -73,11 +89,11 @@ class TextConfig(_Strict):
     descriptions: Path | None = None
     captions: Path | None = None
     learn_context: bool = False
-    n_ctx: int = 8
+    n_ctx: Count = 8
 
 
 class LossTerm(_Strict):
-    weight: float = 0.0
+    weight: NonNegative = 0.0
 
 
 class MseTerm(LossTerm):
@@ -89,22 +105,22 @@ class ImCstTerm(LossTerm):
 
 
 class VlAlignTerm(LossTerm):
-    k: int = 256
+    k: Count = 256
     filter: bool = True
 
 
 class KdTerm(LossTerm):
-    temperature: float = 1.0
+    temperature: Positive = 1.0
 
 
 class CapTerm(LossTerm):
-    temperature: float = 1.0
+    temperature: Positive = 1.0
 
 
 class LossConfig(_Strict):
     """Weighted sum of named terms; a weight of 0 disables a term (it is not even computed)."""
 
-    temperature: float = 0.07
+    temperature: Positive = 0.07
     cls: LossTerm = Field(default_factory=lambda: LossTerm(weight=1.0))
     mse: MseTerm = Field(default_factory=MseTerm)
     imcst: ImCstTerm = Field(default_factory=ImCstTerm)
@@ -118,17 +134,17 @@ class OptimConfig(_Strict):
     """SGD + step schedule (paper ResNet) or AdamW + OneCycle (paper ViT)."""
 
     name: Literal["sgd", "adamw"] = "sgd"
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
+    lr: Positive = 0.05
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    weight_decay: NonNegative = 1e-4
     schedule: Literal["step", "onecycle", "constant"] = "step"
-    milestones: tuple[float, ...] = (1 / 3, 2 / 3)
-    gamma: float = 0.1
-    epochs: int = 90
-    repeat_epochs: int = 1
-    batch_size: int = 128
-    eval_batch_size: int = 256
-    grad_clip: float | None = None
+    milestones: tuple[Positive, ...] = (1 / 3, 2 / 3)
+    gamma: Positive = 0.1
+    epochs: Count = 90
+    repeat_epochs: Count = 1
+    batch_size: Count = 128
+    eval_batch_size: Count = 256
+    grad_clip: Positive | None = None
     onecycle_per: Literal["step", "epoch"] = "step"
 
 
@@ -136,32 +152,32 @@ class TrainConfig(_Strict):
     """Loop settings that do not change the maths."""
 
     amp: bool = True
-    eval_every: int = 1
-    average_last: int = 5
-    checkpoint_every: int = 1
-    log_every: int = 10
-    max_steps: int | None = None
+    eval_every: Count = 1
+    average_last: Count = 5
+    checkpoint_every: Count = 1
+    log_every: Count = 10
+    max_steps: Count | None = None
     progress: bool = True
     analysis: bool = True
-    analysis_max_images: int = 2000
+    analysis_max_images: Count = 2000
     teacher_view: Literal["same", "whole"] = "same"
-    target_views: int = 10
+    target_views: NonNegativeInt = 10
 
 
 class FewShotConfig(_Strict):
     """Adapting a distilled student to the OOD classes from K labelled images each (paper §4.2, App. E)."""
 
-    shots: int = 5
+    shots: Count = 5
     selection: Literal["seeded", "first"] = "seeded"
     methods: tuple[Literal["finetune", "retrieval"], ...] = ("finetune", "retrieval")
-    epochs: int = 20
-    repeat_epochs: int | None = None
-    lr: float = 0.003
-    alpha: float = 1.0
-    beta: float = 5.5
+    epochs: Count = 20
+    repeat_epochs: Count | None = None
+    lr: Positive = 0.003
+    alpha: NonNegative = 1.0
+    beta: NonNegative = 5.5
     keys: Literal["student", "teacher"] = "student"
-    text_scale: float = 100.0
-    key_views: int = 1
+    text_scale: Positive = 100.0
+    key_views: Count = 1
     continual: bool = False
 
 
@@ -178,7 +194,7 @@ class ExperimentConfig(_Strict):
     """One experiment. ``mode: paper`` reproduces the official code's data handling (see paper_spec §4)."""
 
     name: str = "run"
-    seed: int = 0
+    seed: NonNegativeInt = 0
     mode: Literal["ours", "paper"] = "ours"
     device: str = "auto"
     output_dir: Path = Path("runs")
@@ -211,8 +227,6 @@ class ExperimentConfig(_Strict):
             raise ValueError("every loss weight is 0: enable at least one of loss.{cls,mse,imcst,vlalign,kd,cap}")
         if self.loss.cap.weight and self.text.captions is None:
             raise ValueError("loss.cap needs text.captions: a JSONL or CSV file of (path, caption) per training image")
-        if self.loss.vlalign.weight and self.loss.vlalign.k < 1:
-            raise ValueError("loss.vlalign.k must be >= 1")
         return self
 
     @property
@@ -267,8 +281,20 @@ def validate_config(raw: dict[str, Any], overrides: list[str], where: str) -> Ex
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as err:
-        lines = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()]
-        raise ConfigError(f"invalid config {where}:\n  " + "\n  ".join(lines)) from err
+        raise ConfigError(f"invalid config {where}:\n  " + "\n  ".join(map(_describe_error, err.errors()))) from err
+
+
+_BOUNDS = {"greater_than": ("gt", ">"), "greater_than_equal": ("ge", ">="),
+           "less_than": ("lt", "<"), "less_than_equal": ("le", "<=")}
+
+
+def _describe_error(error: Any) -> str:
+    """One line per bad key; range violations read ``optim.epochs must be >= 1, got 0``."""
+    key = ".".join(str(p) for p in error["loc"])
+    if error["type"] in _BOUNDS:
+        name, symbol = _BOUNDS[error["type"]]
+        return f"{key} must be {symbol} {error['ctx'][name]}, got {error['input']!r}"
+    return f"{key}: {error['msg']}"
 
 
 def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from typing import Literal
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+
 from vlmdistill.errors import VlmdistillError
 
 ResizeMode = Literal["squash", "center_crop"]
@@ -24,27 +25,63 @@ class BadImageError(VlmdistillError, RuntimeError):
         )
 
 
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """8-bit RGB from any mode, scaling deep images by their true range instead of clipping them.
+
+    ``convert("RGB")`` clips 16-bit and float pixels to 255, so: 16-bit ("I;16*", and "I", which 16-bit
+    PNGs and TIFFs open as) is divided by 257 (65535 -> 255); float ("F") in [0, 1] is multiplied by 255,
+    float outside [0, 1] is stretched from its own min..max. Other modes (palette, LA, CMYK, ...) are
+    8-bit already and PIL converts them correctly.
+    """
+    if im.mode.startswith("I"):
+        arr = np.asarray(im).astype(np.float64) / 257.0
+    elif im.mode == "F":
+        arr = np.asarray(im, dtype=np.float64)
+        lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+        if lo < 0.0 or hi > 1.0:
+            arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+        arr = np.nan_to_num(arr) * 255.0
+    else:
+        return im.convert("RGB")
+    grey = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+    return Image.fromarray(grey, mode="L").convert("RGB")
+
+
+def _check_pixels(im: Image.Image) -> None:
+    """PIL only warns between MAX_IMAGE_PIXELS and twice it; any image over the limit is a bad image."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and im.size[0] * im.size[1] > limit:
+        raise Image.DecompressionBombError(
+            f"{im.size[0]}x{im.size[1]} pixels exceed the limit of {limit} pixels (a decompression bomb?)"
+        )
+
+
+def _fit(im: Image.Image, base_size: int, resize: ResizeMode) -> Image.Image:
+    if resize == "squash":
+        return im.resize((base_size, base_size), Image.Resampling.BICUBIC)
+    w, h = im.size
+    scale = base_size / min(w, h)
+    nw, nh = max(base_size, round(w * scale)), max(base_size, round(h * scale))
+    im = im.resize((nw, nh), Image.Resampling.BICUBIC)
+    left, top = (nw - base_size) // 2, (nh - base_size) // 2
+    return im.crop((left, top, left + base_size, top + base_size))
+
+
 def load_image(path: Path, base_size: int, resize: ResizeMode) -> torch.Tensor:
     """Decode to RGB and bring to a ``base_size`` square uint8 tensor [3, S, S].
 
     ``squash`` is the paper's 256x256 resize that ignores aspect ratio; ``center_crop`` resizes the
-    shorter side and crops the centre, as CLIP's own preprocessing does.
+    shorter side and crops the centre, as CLIP's own preprocessing does. Decompression bombs (headers
+    claiming more than ``PIL.Image.MAX_IMAGE_PIXELS``) are bad images, like any unreadable file.
     """
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
-            if resize == "squash":
-                im = im.resize((base_size, base_size), Image.Resampling.BICUBIC)
-            else:
-                w, h = im.size
-                scale = base_size / min(w, h)
-                nw, nh = max(base_size, round(w * scale)), max(base_size, round(h * scale))
-                im = im.resize((nw, nh), Image.Resampling.BICUBIC)
-                left, top = (nw - base_size) // 2, (nh - base_size) // 2
-                im = im.crop((left, top, left + base_size, top + base_size))
-            arr = np.asarray(im, dtype=np.uint8).copy()
+            _check_pixels(im)
+            arr = np.asarray(_fit(_to_rgb(im), base_size, resize), dtype=np.uint8).copy()
     except FileNotFoundError as err:
         raise BadImageError(path, "file not found") from err
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except Image.DecompressionBombError as err:
+        raise BadImageError(path, f"{err}") from err
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as err:
         raise BadImageError(path, f"{type(err).__name__}: {err}") from err
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
