@@ -49,7 +49,7 @@ def test_prepare_train_eval_compare(
     assert again["metrics"]["ood"] == trained["metrics"]["ood"]
     res = runner.invoke(app, ["eval", str(cfg), *overrides, "--teacher-only"])
     assert res.exit_code == 0, res.output
-    assert json.loads((run / "teacher" / "results.json").read_text())["teacher_only"] is True
+    assert json.loads((run / "teacher" / "results.json").read_text())["kind"] == "teacher"
     table = tmp_path / "cmp.md"
     res = runner.invoke(app, ["compare", str(run), str(run / "teacher"), "--out", str(table)])
     assert res.exit_code == 0, res.output

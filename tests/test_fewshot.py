@@ -8,7 +8,7 @@ import torch
 
 from vlmdistill.data.dataset import open_dataset
 from vlmdistill.fewshot import select_support
-from vlmdistill.train import balanced_batches
+from vlmdistill.loop import balanced_batches
 
 
 def test_support_selection_rules(prepared: Path) -> None:
@@ -48,8 +48,8 @@ def test_tip_adapter_retrieval_uses_the_support_cache(
 ) -> None:
     from vlmdistill.config import load_config
     from vlmdistill.fewshot import tip_adapter
-    from vlmdistill.jobs import distill
-    from vlmdistill.train import build_workspace
+    from vlmdistill.train import distill
+    from vlmdistill.workspace import build_workspace
 
     cfg = load_config(None, [*base_overrides, "name=tip", "optim.epochs=1", "train.analysis=false",
                              "fewshot.shots=3"])

@@ -7,13 +7,13 @@ from pathlib import Path
 import torch
 
 from vlmdistill.config import TeacherConfig, load_config
-from vlmdistill.jobs import distill
 from vlmdistill.teachers import load_teacher
-from vlmdistill.text.prompt_learner import PromptLearner, class_texts
+from vlmdistill.text.prompt_learner import PromptLearner, class_prompt_texts
+from vlmdistill.train import distill
 
 
 def _check_learner(teacher: object) -> None:
-    texts = class_texts(["red circle", "blue square"], None)
+    texts = class_prompt_texts(["red circle", "blue square"], None)
     learner = PromptLearner(teacher, texts, n_ctx=4)
     w = learner()
     assert w.shape == (2, teacher.embed_dim)

@@ -6,8 +6,8 @@ import torch
 
 from vlmdistill.checkpoint import checkpoint_paths, load_weights
 from vlmdistill.config import load_config
-from vlmdistill.jobs import distill
-from vlmdistill.train import build_workspace
+from vlmdistill.train import distill
+from vlmdistill.workspace import build_workspace
 
 
 def test_resume_equals_uninterrupted(base_overrides: list[str]) -> None:

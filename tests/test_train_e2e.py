@@ -8,7 +8,7 @@ import torch
 
 from vlmdistill.checkpoint import checkpoint_paths, load_weights
 from vlmdistill.config import load_config
-from vlmdistill.jobs import distill as train
+from vlmdistill.train import distill as train
 
 
 def test_train_writes_results_and_checkpoint(base_overrides: list[str]) -> None:
@@ -28,7 +28,7 @@ def test_train_writes_results_and_checkpoint(base_overrides: list[str]) -> None:
 
 def test_fewshot_finetune_and_retrieval(base_overrides: list[str]) -> None:
     from vlmdistill.fewshot import run_fewshot
-    from vlmdistill.train import build_workspace
+    from vlmdistill.workspace import build_workspace
 
     cfg = load_config(None, [*base_overrides, "name=fs", "loss.imcst.weight=1", "fewshot.shots=2", "fewshot.epochs=1"])
     ws = build_workspace(cfg)
@@ -44,7 +44,7 @@ def test_fewshot_finetune_and_retrieval(base_overrides: list[str]) -> None:
 
 def test_continual_fewshot_reports_both_halves(base_overrides: list[str]) -> None:
     from vlmdistill.fewshot import run_fewshot
-    from vlmdistill.train import build_workspace
+    from vlmdistill.workspace import build_workspace
 
     cfg = load_config(None, [*base_overrides, "name=cont", "optim.epochs=1", "fewshot.shots=2", "fewshot.epochs=1",
                              "fewshot.methods=[]", "fewshot.continual=true", "train.analysis=false"])

@@ -19,11 +19,9 @@ from vlmdistill.io import atomic_save_tensors, atomic_write_json, load_tensors, 
 
 @dataclass
 class LoopState:
-    """Where the loop is: outer epoch, data pass within it, batch within the pass, and global step."""
+    """Where the loop is: the global step (epoch, pass and batch are derived from it) and the evaluations
+    made so far."""
 
-    epoch: int = 0
-    rep: int = 0
-    batch: int = 0
     step: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -118,4 +116,4 @@ def load_checkpoint(
     for key, value in meta["scheduler"].items():
         setattr(scheduler, key, value)
     torch.set_rng_state(tensors["rng.torch"])
-    return LoopState(**meta["loop"])
+    return LoopState(step=meta["loop"]["step"], history=meta["loop"]["history"])

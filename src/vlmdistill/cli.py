@@ -98,8 +98,8 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue from <run>/checkpoints if present.")] = False,
 ) -> None:
     """Distill a student: writes checkpoints, TensorBoard logs and results.json into output_dir/name."""
-    from vlmdistill.jobs import distill
     from vlmdistill.report import comparison_rows, rich_table
+    from vlmdistill.train import distill
 
     cfg = _load(config, overrides)
     results = _run(distill, cfg, resume=resume)
@@ -115,17 +115,16 @@ def evaluate(
     teacher_only: Annotated[bool, typer.Option(help="Score the teacher's own zero-shot instead.")] = False,
 ) -> None:
     """Zero-shot ID / OOD / generalized accuracy of a trained student, or of the teacher alone."""
-    from vlmdistill.jobs import evaluate_run, evaluate_teacher
+    from vlmdistill.evaluate import evaluate_run, evaluate_teacher
     from vlmdistill.report import comparison_rows, rich_table
-    from vlmdistill.train import build_workspace
+    from vlmdistill.workspace import build_workspace
 
     cfg = _load(config, overrides)
     ws = _run(build_workspace, cfg)
     if teacher_only:
         results = _run(evaluate_teacher, cfg, ws)
     else:
-        results = _run(evaluate_run, cfg, ws, run or cfg.run_dir)
-        results.setdefault("run", str(run or cfg.run_dir))
+        results = _run(evaluate_run, cfg, ws, run or cfg.run_dir, analysis=cfg.train.analysis)
     console.print(rich_table(*comparison_rows([results])))
 
 
@@ -142,7 +141,7 @@ def fewshot(
 ) -> None:
     """Adapt a distilled student to the OOD classes from K images each: finetune and Tip-Adapter retrieval."""
     from vlmdistill.fewshot import run_fewshot
-    from vlmdistill.train import build_workspace
+    from vlmdistill.workspace import build_workspace
 
     extra = [f"fewshot.shots={shots}"] if shots is not None else []
     if method:
@@ -185,16 +184,21 @@ def demo(
 @app.command()
 def cache(config: ConfigArg, overrides: Overrides = None) -> None:
     """Extract and store the teacher's embeddings of every training image under its stored views."""
-    from vlmdistill.targets.store import ViewRecipe, open_store, store_footprint, store_path
-    from vlmdistill.train import build_workspace
+    from vlmdistill.targets.lookup import target_recipe
+    from vlmdistill.targets.store import open_store, store_footprint, store_path
+    from vlmdistill.workspace import build_workspace
 
     cfg = _load(config, overrides)
+    recipe = target_recipe(cfg)
+    if recipe is None:
+        console.print("this config renders views that cannot be stored (data.augment_per=batch or "
+                      "train.target_views=0): training runs the teacher online, there is nothing to cache")
+        return
     ws = _run(build_workspace, cfg)
-    views = 0 if cfg.train.teacher_view == "whole" else cfg.train.target_views
-    recipe = ViewRecipe(views, cfg.seed, cfg.data.crop_scale, cfg.data.hflip)
     store = _run(open_store, ws.teacher, ws.train, recipe, cfg.cache_dir, cfg.train.progress)
     fp = store_footprint(store)
-    console.print(f"target store: {fp['n_images']} images x {fp['n_views']} views x {fp['embed_dim']} dims, "
+    views = f"{fp['n_views']} views (the whole image + {fp['n_views'] - 1} random)"
+    console.print(f"target store: {fp['n_images']} images x {views} x {fp['embed_dim']} dims, "
                   f"{fp['disk_bytes'] / 2**20:.1f} MiB on disk ({fp['disk_bytes_per_1000_image_views'] / 2**20:.2f} "
                   f"MiB per 1000 image-views) -> {store_path(cfg.cache_dir, store.key)}")
 
@@ -207,8 +211,8 @@ def text_stats(
                                                   "(default <run>/text).")] = None,
 ) -> None:
     """Spread of the class text embeddings per prompt recipe: mean pairwise cosine and SVD spectrum."""
-    from vlmdistill.jobs import text_diagnostics
-    from vlmdistill.train import build_workspace
+    from vlmdistill.text_stats import text_diagnostics
+    from vlmdistill.workspace import build_workspace
 
     cfg = _load(config, overrides)
     ws = _run(build_workspace, cfg)

@@ -1,29 +1,48 @@
-"""Zero-shot evaluation under the paper's protocol, plus the generalized (ID ∪ OOD) setting.
+"""Evaluation jobs: score any image encoder under the paper's protocol, the teacher alone, a saved run,
+and the paper's §6 analysis metrics.
 
-Headline metric: mean per-class recall (balanced accuracy), in percent, as the paper's code computes it.
-- ``id``: ID-val images scored over the ID classes only;
-- ``ood``: OOD-val images scored over the OOD classes only (zero-shot: the student never saw them);
-- ``gzsl``: both sets scored over all classes together; ``seen``/``unseen`` recalls and their harmonic mean.
+Evaluation takes a plain encoder (pixels in [0, 1] -> embedding), as open_clip's ``zero_shot_eval(model,
+...)`` does: nothing here builds a trainer. The metrics themselves are in ``metrics.py``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from vlmdistill.analysis import analysis_metrics
+from vlmdistill.checkpoint import checkpoint_paths, load_weights
+from vlmdistill.config import ExperimentConfig, save_config
 from vlmdistill.data.source import ImageSource
-from vlmdistill.data.views import Views, render
+from vlmdistill.data.views import render
+from vlmdistill.errors import RunError
+from vlmdistill.io import atomic_write_json
+from vlmdistill.loop import load_prompt_context
+from vlmdistill.metrics import closed_set_metrics, zero_shot_metrics
+from vlmdistill.results import RunResults
+from vlmdistill.students import count_parameters
+from vlmdistill.task import DistillTask
+from vlmdistill.workspace import (
+    EvalSet,
+    ViewFactory,
+    Workspace,
+    class_text_embeddings,
+    default_sets,
+    student_eval_view,
+    teacher_eval_view,
+)
 
 Encoder = Callable[[torch.Tensor], torch.Tensor]
 
 
 @torch.no_grad()
-def embed_source(
-    encode: Encoder, source: ImageSource, size: int, view: Callable[[int], Views], batch_size: int
+def embed_images(
+    encode: Encoder, source: ImageSource, size: int, view: ViewFactory, batch_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Outputs [N, D] (on CPU) and the indices of the images that could be read."""
+    """Outputs [N, D] (on CPU) of the images that could be read, and their indices."""
     feats, index = [], []
     for batch in source.batches(torch.arange(len(source)), batch_size):
         pixels = render(batch.images, view(len(batch.index)), size)
@@ -34,60 +53,130 @@ def embed_source(
     return torch.cat(feats), torch.cat(index)
 
 
-def mean_per_class_recall(pred: torch.Tensor, target: torch.Tensor) -> float:
-    """Unweighted mean over the classes present in ``target`` of #correct / #images, in percent."""
-    classes = target.unique()
-    recalls = [(pred[target == c] == c).float().mean() for c in classes]
-    return float(torch.stack(recalls).mean() * 100) if recalls else float("nan")
-
-
-def classification_metrics(logits: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
-    pred = logits.argmax(1)
-    return {
-        "acc1": float((pred == target).float().mean() * 100),
-        "mean_per_class_recall": mean_per_class_recall(pred, target),
-        "n_images": len(target),
-    }
-
-
-def harmonic(a: float, b: float) -> float:
-    return 2 * a * b / (a + b) if a + b > 0 else 0.0
-
-
-def zero_shot_metrics(
-    id_feats: torch.Tensor,
-    id_labels: torch.Tensor,
-    ood_feats: torch.Tensor,
-    ood_labels: torch.Tensor,
-    w_id: torch.Tensor,
-    w_ood: torch.Tensor,
-) -> dict[str, dict[str, float]]:
-    """Cosine logits against class text embeddings; feats need not be normalised."""
-    id_f, ood_f = F.normalize(id_feats, dim=-1), F.normalize(ood_feats, dim=-1)
-    w_all = torch.cat([w_id, w_ood])
-    out: dict[str, dict[str, float]] = {}
-    if len(id_labels):
-        out["id"] = classification_metrics(id_f @ w_id.T, id_labels)
-    out["ood"] = classification_metrics(ood_f @ w_ood.T, ood_labels)
-    ood_all = classification_metrics(ood_f @ w_all.T, ood_labels + len(w_id))
-    gz: dict[str, float] = {"unseen": ood_all["mean_per_class_recall"]}
-    if len(id_labels):
-        gz["seen"] = classification_metrics(id_f @ w_all.T, id_labels)["mean_per_class_recall"]
-        gz["harmonic"] = harmonic(gz["seen"], gz["unseen"])
-    out["gzsl"] = gz
+def student_features(student: torch.nn.Module, cfg: ExperimentConfig, source: ImageSource) -> tuple[
+        torch.Tensor, torch.Tensor]:
+    """A student's outputs on a split under the deterministic eval view (in eval mode, restored after)."""
+    was_training = student.training
+    student.eval()
+    device = next(student.parameters()).device
+    out = embed_images(lambda x: student(x.to(device)), source, cfg.student.image_size, student_eval_view(cfg),
+                       cfg.optim.eval_batch_size)
+    student.train(was_training)
     return out
 
 
-def closed_set_metrics(
-    id_logits: torch.Tensor,
-    id_labels: torch.Tensor,
-    ood_logits: torch.Tensor,
-    ood_labels: torch.Tensor,
-    n_id: int,
-    ood_trained: bool,
-) -> dict[str, dict[str, float] | None]:
-    """The closed-set baseline: ID over its ID slice; OOD (its OOD slice) only after few-shot, else NA."""
-    out: dict[str, dict[str, float] | None] = {"id": classification_metrics(id_logits[:, :n_id], id_labels)}
-    out["ood"] = classification_metrics(ood_logits[:, n_id:], ood_labels) if ood_trained else None
-    out["gzsl"] = None
+def score_student(student: torch.nn.Module, cfg: ExperimentConfig, eval_set: EvalSet,
+                  class_embeddings: tuple[torch.Tensor, torch.Tensor], n_id: int, ood_trained: bool = False
+                  ) -> dict[str, Any]:
+    """Zero-shot ID / OOD / generalized metrics (closed-set: logits read directly)."""
+    id_f, id_i = student_features(student, cfg, eval_set.id_source)
+    ood_f, ood_i = student_features(student, cfg, eval_set.ood_source)
+    id_y, ood_y = eval_set.id_labels[id_i], eval_set.ood_labels[ood_i]
+    if cfg.loss.closed_set:
+        return closed_set_metrics(id_f, id_y, ood_f, ood_y, n_id, ood_trained)
+    return zero_shot_metrics(id_f, id_y, ood_f, ood_y, *class_embeddings)
+
+
+def teacher_features(cfg: ExperimentConfig, ws: Workspace, source: ImageSource) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen teacher's eval-view embeddings of a split; the workspace's own splits are embedded once."""
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        return embed_images(ws.teacher.encode_images, source, ws.teacher.image_size, teacher_eval_view(cfg),
+                            ws.teacher.batch_size)
+
+    if not ws.owns(source):
+        return run()
+    key = (id(source), f"{cfg.data.teacher_eval_view}:{cfg.data.eval_crop}")
+    if key not in ws.teacher_features:
+        ws.teacher_features[key] = run()
+    return ws.teacher_features[key]
+
+
+def skipped_images(ws: Workspace, *sources: ImageSource) -> dict[str, Any]:
+    """Unreadable images met so far in the workspace's splits and ``sources`` (only with skip_bad_images)."""
+    unique = {id(x): x for x in (ws.train, ws.id_val, ws.ood_val, *sources)}.values()
+    keys = sorted({k for src in unique for k in src.bad_keys} | set(ws.dataset.missing))
+    return {"skipped_images": len(keys), "skipped": keys}
+
+
+def evaluate_teacher(cfg: ExperimentConfig, ws: Workspace, out_dir: Path | None = None) -> dict[str, Any]:
+    """The teacher's own zero-shot numbers under the same protocol and prompts as the student's.
+
+    Written to ``out_dir`` (default ``<run>/teacher``) so a trained run's own results are never replaced.
+    """
+    out_dir = Path(out_dir) if out_dir is not None else cfg.run_dir / "teacher"
+    w_id, w_ood = class_text_embeddings(cfg, ws)
+    id_f, id_i = teacher_features(cfg, ws, ws.id_val)
+    ood_f, ood_i = teacher_features(cfg, ws, ws.ood_val)
+    id_y = torch.tensor(ws.dataset.id_val.labels, dtype=torch.long)[id_i]
+    ood_y = torch.tensor(ws.dataset.ood_val.labels, dtype=torch.long)[ood_i]
+    metrics = zero_shot_metrics(id_f, id_y, ood_f, ood_y, w_id, w_ood)
+    results = RunResults.start("teacher", cfg, f"{cfg.name} (teacher)", str(out_dir), ws.teacher, None, metrics)
+    results.data = skipped_images(ws)
+    save_config(cfg, out_dir / "config.yaml")
+    atomic_write_json(out_dir / "results.json", results.to_dict())
+    return results.to_dict()
+
+
+def restore_task(cfg: ExperimentConfig, ws: Workspace, run_dir: Path, task: DistillTask | None = None
+                 ) -> DistillTask:
+    """A run's student (and learned prompt context), refusing a checkpoint of another teacher or architecture."""
+    task = task or DistillTask(cfg, ws, default_sets(ws, class_text_embeddings(cfg, ws)[0])[0])
+    path = checkpoint_paths(run_dir)[0]
+    if not path.is_file():
+        raise RunError(f"{run_dir} has no checkpoint ({path}); train first or point --run at a run directory")
+    weights, meta = load_weights(path)
+    expected = task.model_meta()
+    for key in ("teacher_id", "student_arch", "out_dim"):
+        if meta.get(key) != expected[key]:
+            raise RunError(
+                f"checkpoint {path} was made with {key}={meta.get(key)!r} but the config gives {expected[key]!r}; "
+                "evaluate it with the config it was trained with (its config.yaml)"
+            )
+    task.student.load_state_dict(weights)
+    load_prompt_context(task, run_dir)
+    return task
+
+
+def analyse(cfg: ExperimentConfig, ws: Workspace, task: DistillTask, max_images: int = 2000) -> dict[str, Any]:
+    """The paper's §6 metrics on (a seeded subset of) the training set and on the OOD set."""
+    out: dict[str, Any] = {}
+    g = torch.Generator().manual_seed(cfg.seed)
+    w_id, w_ood = task.class_embeddings()
+    for name, source, w in (("train", ws.train, w_id), ("ood", ws.ood_val, w_ood)):
+        if len(source) > max_images:
+            keep = torch.randperm(len(source), generator=g)[:max_images].sort().values
+            source = ImageSource([source.records[i] for i in keep.tolist()], source.base_size, source.resize,
+                                 source.num_workers, source.skip_bad)
+        s, s_i = student_features(task.student, cfg, source)
+        t, t_i = teacher_features(cfg, ws, source)
+        common = torch.isin(s_i, t_i)
+        s, t = s[common], t[torch.isin(t_i, s_i)]
+        out[name] = analysis_metrics(s, t, w, neigh_ks=tuple(k for k in (3, 5, 10) if k < len(s)))
     return out
+
+
+def eval_results_path(cfg: ExperimentConfig, run_dir: Path) -> Path:
+    """``eval.json`` on the run's own dataset; ``eval-<dataset>.json`` on another, so neither replaces the other."""
+    trained_on = run_dir / "config.yaml"
+    if trained_on.is_file():
+        from vlmdistill.config import load_config
+
+        if Path(load_config(trained_on).data.dir).resolve() != Path(cfg.data.dir).resolve():
+            return run_dir / f"eval-{Path(cfg.data.dir).resolve().name}.json"
+    return run_dir / "eval.json"
+
+
+def evaluate_run(cfg: ExperimentConfig, ws: Workspace, run_dir: Path, analysis: bool = True) -> dict[str, Any]:
+    """Re-score a saved student on ``cfg``'s data; writes ``eval.json`` (see ``eval_results_path``)."""
+    run_dir = Path(run_dir)
+    task = restore_task(cfg, ws, run_dir)
+    _, eval_set = default_sets(ws, task.w_id)
+    metrics = score_student(task.student, cfg, eval_set, task.class_embeddings(), task.n_id)
+    student = {"id": task.student.spec.id, "params": count_parameters(task.student)}
+    results = RunResults.start("eval", cfg, str(run_dir), str(run_dir), ws.teacher, student, metrics)
+    if analysis and not task.closed_set:
+        results.analysis = analyse(cfg, ws, task, cfg.train.analysis_max_images)
+    results.data = skipped_images(ws)
+    atomic_write_json(eval_results_path(cfg, run_dir), results.to_dict())
+    return results.to_dict()

@@ -21,10 +21,13 @@ from vlmdistill.config import ExperimentConfig
 from vlmdistill.data.dataset import Split
 from vlmdistill.data.source import ImageSource
 from vlmdistill.data.views import render, sample_views
-from vlmdistill.evaluate import classification_metrics, mean_per_class_recall
+from vlmdistill.errors import RunError
+from vlmdistill.evaluate import restore_task, student_features, teacher_features
 from vlmdistill.io import atomic_write_json, read_json
-from vlmdistill.jobs import RunError, load_student, teacher_embed
-from vlmdistill.train import Distiller, EvalSet, TrainSet, Workspace, class_texts, default_sets
+from vlmdistill.metrics import classification_metrics, mean_per_class_recall
+from vlmdistill.task import DistillTask
+from vlmdistill.train import train_task
+from vlmdistill.workspace import EvalSet, TrainSet, Workspace, class_text_embeddings, default_sets
 
 
 def select_support(split: Split, shots: int, seed: int, rule: str) -> list[int]:
@@ -50,7 +53,7 @@ def select_support(split: Split, shots: int, seed: int, rule: str) -> list[int]:
 
 def fewshot_sets(cfg: ExperimentConfig, ws: Workspace, support: list[int]) -> tuple[TrainSet, EvalSet]:
     """Train on ID-train + support (labels ID then OOD); evaluate OOD without the support images."""
-    w_id, w_ood = class_texts(cfg, ws)
+    w_id, w_ood = class_text_embeddings(cfg, ws)
     base, e = default_sets(ws, w_id)
     ood = ws.dataset.ood_val
     rest = sorted(set(range(len(ood))) - set(support))
@@ -75,20 +78,21 @@ def fewshot_config(cfg: ExperimentConfig, from_run: Path, method: str) -> Experi
 
 def finetune(
     cfg: ExperimentConfig, ws: Workspace, from_run: Path, support: list[int], method: str = "finetune"
-) -> tuple[dict[str, Any], Distiller]:
+) -> tuple[dict[str, Any], DistillTask, EvalSet]:
     """The paper's few-shot finetuning, starting from the distilled weights with a fresh optimiser."""
     ft_cfg = fewshot_config(cfg, from_run, method)
-    distiller = Distiller(ft_cfg, ws, *fewshot_sets(ft_cfg, ws, support))
-    load_student(distiller, from_run)
-    return distiller.fit(), distiller
+    train_set, eval_set = fewshot_sets(ft_cfg, ws, support)
+    task = restore_task(ft_cfg, ws, from_run, DistillTask(ft_cfg, ws, train_set))
+    results = train_task(task, ws, eval_set).to_dict()
+    atomic_write_json(ft_cfg.run_dir / "results.json", results)
+    return results, task, eval_set
 
 
-def _per_half(distiller: Distiller, halves: list[set[int]]) -> dict[str, float]:
+def _per_half(task: DistillTask, eval_set: EvalSet, halves: list[set[int]]) -> dict[str, float]:
     """OOD recall over all OOD classes, reported separately for the images of each half of the classes."""
-    e = distiller.eval_set
-    feats, idx = distiller.embed(e.ood_source)
-    labels = e.ood_labels[idx]
-    pred = (F.normalize(feats, dim=-1) @ distiller.class_embeddings()[1].T).argmax(1)
+    feats, idx = student_features(task.student, task.cfg, eval_set.ood_source)
+    labels = eval_set.ood_labels[idx]
+    pred = (F.normalize(feats, dim=-1) @ task.class_embeddings()[1].T).argmax(1)
     out = {}
     for i, half in enumerate(halves, start=1):
         mask = torch.tensor([int(y) in half for y in labels])
@@ -103,15 +107,15 @@ def run_continual(cfg: ExperimentConfig, ws: Workspace, from_run: Path) -> dict[
     halves = [set(order[: (n_ood + 1) // 2]), set(order[(n_ood + 1) // 2 :])]
     support_all = select_support(ws.dataset.ood_val, cfg.fewshot.shots, cfg.seed, cfg.fewshot.selection)
     support = [i for i in support_all if ws.dataset.ood_val.labels[i] in halves[0]]
-    before = Distiller(cfg, ws, eval_set=fewshot_sets(cfg, ws, support)[1])
-    load_student(before, from_run)
-    _, after = finetune(cfg, ws, from_run, support, method="continual")
+    eval_set = fewshot_sets(cfg, ws, support)[1]
+    before = _per_half(restore_task(cfg, ws, from_run), eval_set, halves)
+    _, after, _ = finetune(cfg, ws, from_run, support, method="continual")
     names = ws.dataset.ood_space.dirs
     return {
         "halves": [[names[c] for c in sorted(h)] for h in halves],
         "support_images": len(support),
-        "before": _per_half(before, halves),
-        "after": _per_half(after, halves),
+        "before": before,
+        "after": _per_half(after, eval_set, halves),
     }
 
 
@@ -119,30 +123,29 @@ def run_continual(cfg: ExperimentConfig, ws: Workspace, from_run: Path) -> dict[
 def tip_adapter(cfg: ExperimentConfig, ws: Workspace, from_run: Path, support: list[int]) -> dict[str, Any]:
     """Training-free retrieval: logits = text_scale * cos(q, w) + alpha * exp(-beta (1 - cos(q, keys))) @ onehot."""
     f = cfg.fewshot
-    distiller = Distiller(cfg, ws)
-    load_student(distiller, from_run)
+    task = restore_task(cfg, ws, from_run)
     _, eval_set = fewshot_sets(cfg, ws, support)
     shots = ws.ood_val.subset(support)
     labels = torch.tensor(ws.dataset.ood_val.labels, dtype=torch.long)[support]
-    keys = F.normalize(_keys(cfg, ws, distiller, shots), dim=-1)
+    keys = F.normalize(_keys(cfg, ws, task, shots), dim=-1)
     values = F.one_hot(labels, len(ws.dataset.ood_space)).float()
-    q, q_i = distiller.embed(eval_set.ood_source)
+    q, q_i = student_features(task.student, cfg, eval_set.ood_source)
     q = F.normalize(q, dim=-1)
-    w_ood = distiller.class_embeddings()[1]
+    w_ood = task.class_embeddings()[1]
     logits = f.text_scale * q @ w_ood.T + f.alpha * torch.exp(-f.beta * (1 - q @ keys.T)) @ values
     return {"ood": classification_metrics(logits, eval_set.ood_labels[q_i]),
             "keys": f.keys, "alpha": f.alpha, "beta": f.beta, "text_scale": f.text_scale, "key_views": f.key_views}
 
 
-def _keys(cfg: ExperimentConfig, ws: Workspace, distiller: Distiller, shots: ImageSource) -> torch.Tensor:
+def _keys(cfg: ExperimentConfig, ws: Workspace, task: DistillTask, shots: ImageSource) -> torch.Tensor:
     """Support embeddings: the eval view plus ``key_views - 1`` random views, averaged per image."""
     if cfg.fewshot.keys == "teacher":
-        base, _ = teacher_embed(cfg, ws, shots)
+        base, _ = teacher_features(cfg, ws, shots)
         encode, size = ws.teacher.encode_images, ws.teacher.image_size
     else:
-        base, _ = distiller.embed(shots)
-        distiller.student.eval()
-        encode, size = (lambda x: distiller.student(x.to(distiller.device)).cpu()), cfg.student.image_size
+        base, _ = student_features(task.student, cfg, shots)
+        task.student.eval()
+        encode, size = (lambda x: task.student(x.to(task.device)).cpu()), cfg.student.image_size
     g = torch.Generator().manual_seed(cfg.seed)
     total = F.normalize(base, dim=-1)
     for _ in range(cfg.fewshot.key_views - 1):
@@ -161,7 +164,7 @@ def run_fewshot(cfg: ExperimentConfig, ws: Workspace, from_run: Path) -> dict[st
     support = select_support(ws.dataset.ood_val, cfg.fewshot.shots, cfg.seed, rule)
     out: dict[str, Any] = {"shots": cfg.fewshot.shots, "selection": rule, "support_images": len(support)}
     if "finetune" in cfg.fewshot.methods:
-        res, _ = finetune(cfg, ws, from_run, support)
+        res, _, _ = finetune(cfg, ws, from_run, support)
         out["finetune"] = {**res["metrics"], "run": str(from_run / f"fewshot-{cfg.fewshot.shots}shot-finetune")}
     if "retrieval" in cfg.fewshot.methods:
         out["retrieval"] = tip_adapter(cfg, ws, from_run, support)

@@ -166,12 +166,14 @@ class Objective(nn.Module):
         self.weights = {k: w for k, (_, w) in terms.items()}
         self.needs_teacher = bool({"mse", "imcst", "vlalign", "kd"} & set(terms))
 
-    def forward(self, x: LossInputs) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, x: LossInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The weighted total (with graph) and each term detached, still on the device: reading them back
+        is a device sync, which the loop does only on logging steps."""
         total = x.s.new_zeros(())
-        named: dict[str, float] = {}
+        named: dict[str, torch.Tensor] = {}
         for name, term in self.terms.items():
             value = term(x)
-            named[name] = float(value.detach())
+            named[name] = value.detach()
             total = total + self.weights[name] * value
-        named["total"] = float(total.detach())
+        named["total"] = total.detach()
         return total, named

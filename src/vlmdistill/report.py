@@ -11,31 +11,15 @@ from typing import Any
 from rich.table import Table
 
 from vlmdistill.errors import VlmdistillError
+from vlmdistill.results import METRICS, metric_value
 
-COLUMNS = (
-    ("ID", ("metrics", "id", "mean_per_class_recall")),
-    ("OOD 0-shot", ("metrics", "ood", "mean_per_class_recall")),
-    ("OOD 0-shot acc1", ("metrics", "ood", "acc1")),
-    ("OOD few-shot", ("fewshot", "finetune", "ood", "mean_per_class_recall")),
-    ("GZSL H", ("metrics", "gzsl", "harmonic")),
-    ("M_rel train", ("analysis", "train", "m_rel")),
-    ("M_rel OOD", ("analysis", "ood", "m_rel")),
-    ("M_neigh@5 OOD", ("analysis", "ood", "m_neigh@5")),
-    ("M_vlalign@3 OOD", ("analysis", "ood", "m_vlalign@3")),
-    ("MSE OOD", ("analysis", "ood", "mse")),
-)
+COLUMNS = ("id", "ood", "ood_acc1", "ood_5shot_finetune", "gzsl_h", "m_rel_train", "m_rel_ood", "m_neigh5_ood",
+           "m_vlalign3_ood", "mse_ood")
+"""The keys of ``results.METRICS`` a comparison shows (only those that at least one run has)."""
 
 
 class ReportError(VlmdistillError, ValueError):
     pass
-
-
-def _get(obj: Any, path: tuple[str, ...]) -> Any:
-    for key in path:
-        if not isinstance(obj, dict) or key not in obj:
-            return None
-        obj = obj[key]
-    return obj
 
 
 def load_results(run_dirs: list[Path]) -> list[dict[str, Any]]:
@@ -61,9 +45,9 @@ def _fmt(v: Any) -> str:
 
 def comparison_rows(results: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
     """Only the columns that at least one run has."""
-    cols = [(name, path) for name, path in COLUMNS if any(_get(r, path) is not None for r in results)]
-    header = ["run", *[name for name, _ in cols]]
-    rows = [[r.get("run", "?"), *[_get(r, path) for _, path in cols]] for r in results]
+    cols = [key for key in COLUMNS if any(metric_value(r, key) is not None for r in results)]
+    header = ["run", *[METRICS[key].label for key in cols]]
+    rows = [[r.get("run", "?"), *[metric_value(r, key) for key in cols]] for r in results]
     return header, rows
 
 

@@ -27,11 +27,13 @@ from vlmdistill.demo.report import (
     write_report,
 )
 from vlmdistill.demo.teacher import TeacherRecipe, train_teacher
+from vlmdistill.evaluate import evaluate_teacher, restore_task, student_features, teacher_features
 from vlmdistill.fewshot import run_fewshot
 from vlmdistill.io import atomic_write_json
-from vlmdistill.jobs import distill, evaluate_teacher, load_student, teacher_embed
 from vlmdistill.progress import console
-from vlmdistill.train import Distiller, Workspace, build_workspace
+from vlmdistill.results import METRICS, metric_value
+from vlmdistill.train import distill
+from vlmdistill.workspace import Workspace, build_workspace
 
 BEST = ["loss.imcst.weight=1", "loss.vlalign.weight=1"]
 
@@ -151,10 +153,9 @@ def _plots(out: Path, ws: Workspace, per_seed: dict[str, list[dict[str, Any]]]) 
     students = {}
     for key in ("cls", "best_desc"):
         cfg = load_config(Path(per_seed[key][0]["run_dir"]) / "config.yaml")
-        distiller = Distiller(cfg, ws)
-        load_student(distiller, cfg.run_dir)
-        students[key], _ = distiller.embed(ws.ood_val)
-    teacher, _ = teacher_embed(cfg, ws, ws.ood_val)
+        task = restore_task(cfg, ws, cfg.run_dir)
+        students[key], _ = student_features(task.student, cfg, ws.ood_val)
+    teacher, _ = teacher_features(cfg, ws, ws.ood_val)
     labels = torch.tensor(ws.dataset.ood_val.labels)
     plot_embeddings(teacher, students, labels, out / "embeddings_2d.png")
 
@@ -183,37 +184,14 @@ def _latency(ws: Workspace, cfg: Any) -> tuple[dict[str, float], int]:
     return latency, count_parameters(visual)
 
 
-METRICS = {
-    "id": ("metrics", "id", "mean_per_class_recall"),
-    "ood": ("metrics", "ood", "mean_per_class_recall"),
-    "gzsl_h": ("metrics", "gzsl", "harmonic"),
-    "ood_5shot_finetune": ("fewshot", "finetune", "ood", "mean_per_class_recall"),
-    "ood_5shot_retrieval": ("fewshot", "retrieval", "ood", "mean_per_class_recall"),
-    "m_rel_train": ("analysis", "train", "m_rel"),
-    "m_rel_ood": ("analysis", "ood", "m_rel"),
-    "m_neigh5_ood": ("analysis", "ood", "m_neigh@5"),
-    "m_vlalign3_ood": ("analysis", "ood", "m_vlalign@3"),
-    "mse_ood": ("analysis", "ood", "mse"),
-    "angle_ood": ("analysis", "ood", "angle_deg"),
-}
-
-
-def _get(obj: Any, path: tuple[str, ...]) -> Any:
-    for key in path:
-        if not isinstance(obj, dict) or obj.get(key) is None:
-            return None
-        obj = obj[key]
-    return obj
-
-
 def summarise(per_seed: dict[str, list[dict[str, Any]]], labels: dict[str, str], scale: DemoScale, seconds: float,
               seeds: int) -> dict:
     rows = {}
     labels |= {key: key for key in per_seed if key not in labels}
     for key, runs in per_seed.items():
         stats = {}
-        for name, path in METRICS.items():
-            values = [v for v in (_get(r, path) for r in runs) if v is not None]
+        for name in METRICS:
+            values = [v for v in (metric_value(r, name) for r in runs) if v is not None]
             if values:
                 stats[name] = {"mean": statistics.fmean(values),
                                "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values),

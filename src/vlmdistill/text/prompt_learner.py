@@ -92,7 +92,7 @@ class PromptLearner(nn.Module):
         return F.normalize(torch.cat(out), dim=-1)
 
 
-def class_texts(names: list[str], descriptions: list[str | None] | None) -> list[str]:
+def class_prompt_texts(names: list[str], descriptions: list[str | None] | None) -> list[str]:
     """The paper's CoOp suffixes: "{label}." or "{label} . {description}."."""
     if descriptions is None:
         return [f"{n}." for n in names]

@@ -1,0 +1,234 @@
+"""The training loop: one global step counter, one exit (as nanoGPT's ``iter_num``).
+
+Epoch, data pass and batch are derived from the step (``LoopShape.coords``); every random draw comes
+from a generator seeded by those coordinates, so a run resumed at any step is identical to one that
+never stopped. Each outer epoch runs ``optim.repeat_epochs`` passes over the data, as in the paper; the
+per-epoch schedule, evaluation and checkpoints happen at its end. Loss values are read back from the
+device only on logging steps.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+
+from vlmdistill.checkpoint import LoopState, has_checkpoint, load_checkpoint, prompt_path, save_checkpoint
+from vlmdistill.config import ExperimentConfig, save_config
+from vlmdistill.data.source import Batch
+from vlmdistill.io import atomic_save_tensors, load_tensors
+from vlmdistill.progress import console, make_progress
+from vlmdistill.task import DistillTask, StepBatch
+from vlmdistill.workspace import TrainSet
+
+Evaluate = Callable[[], dict[str, Any]]
+
+
+def step_seed(*parts: int) -> int:
+    """A generator seed from loop coordinates, so any step's randomness can be recreated on resume."""
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (p + 0x9E3779B9)) * 1099511628211) % (2**63)
+    return h
+
+
+def balanced_batches(
+    base: torch.Tensor, support: torch.Tensor, batch_size: int, g: torch.Generator
+) -> list[torch.Tensor]:
+    """The paper's FewShotSampler: half of each batch few-shot images (all of them if they fit in half)."""
+    base = base[torch.randperm(len(base), generator=g)]
+    half = batch_size // 2
+    if len(support) > half:
+        n_batches = len(base) // half + 1
+        out = []
+        for b in range(n_batches):
+            shots = support[torch.randperm(len(support), generator=g)[:half]]
+            rest = base[(torch.arange(half) + b * half) % max(len(base), 1)] if len(base) else base
+            out.append(torch.cat([shots, rest]))
+        return out
+    per = max(batch_size - len(support), 1)
+    return [torch.cat([support, chunk]) for chunk in base.split(per)] or [support]
+
+
+def pass_batches(cfg: ExperimentConfig, train_set: TrainSet, epoch: int, pass_index: int) -> list[torch.Tensor]:
+    """The index batches of one data pass, recreated identically from (seed, epoch, pass) on resume."""
+    g = torch.Generator().manual_seed(step_seed(cfg.seed, epoch, pass_index))
+    if train_set.support is None:
+        return list(torch.randperm(len(train_set.labels), generator=g).split(cfg.optim.batch_size))
+    idx = torch.arange(len(train_set.support))
+    return balanced_batches(idx[~train_set.support], idx[train_set.support], cfg.optim.batch_size, g)
+
+
+@dataclass(frozen=True)
+class LoopShape:
+    """How the global step maps to (outer epoch, data pass, batch)."""
+
+    steps_per_pass: int
+    passes_per_epoch: int
+    epochs: int
+
+    @classmethod
+    def of(cls, cfg: ExperimentConfig, train_set: TrainSet) -> LoopShape:
+        return cls(len(pass_batches(cfg, train_set, 0, 0)), cfg.optim.repeat_epochs, cfg.optim.epochs)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.steps_per_pass * self.passes_per_epoch
+
+    @property
+    def total(self) -> int:
+        return self.steps_per_epoch * self.epochs
+
+    def coords(self, step: int) -> tuple[int, int, int]:
+        epoch, within = divmod(step, self.steps_per_epoch)
+        return (epoch, *divmod(within, self.steps_per_pass))
+
+
+def build_optimizer(cfg: ExperimentConfig, params: Any, steps_per_epoch: int) -> tuple[Any, Any, bool]:
+    """Optimiser, scheduler, and whether the scheduler steps per batch (else per outer epoch)."""
+    o = cfg.optim
+    if o.name == "sgd":
+        opt = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    else:
+        opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+    if o.schedule == "step":
+        milestones = sorted({max(1, round(f * o.epochs)) for f in o.milestones})
+        return opt, torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=o.gamma), False
+    if o.schedule == "onecycle":
+        per_step = o.onecycle_per == "step"
+        total = o.epochs * steps_per_epoch if per_step else o.epochs
+        return opt, torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=o.lr, total_steps=max(total, 2)), per_step
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0), False
+
+
+def train_step(task: DistillTask, optimizer: torch.optim.Optimizer, batch: StepBatch) -> dict[str, torch.Tensor]:
+    """Loss terms of one prepared batch, backward, (clipped) optimiser step; the terms stay on the device."""
+    loss, terms = task(batch)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if task.cfg.optim.grad_clip:
+        torch.nn.utils.clip_grad_norm_(task.trainable(), task.cfg.optim.grad_clip)
+    optimizer.step()
+    return terms
+
+
+@dataclass
+class FitResult:
+    state: LoopState
+    seconds: float
+    complete: bool
+
+
+def fit(task: DistillTask, evaluate: Evaluate, resume: bool = False) -> FitResult:
+    """Train ``task`` as its config says, evaluating and checkpointing at the end of outer epochs."""
+    cfg, run_dir = task.cfg, task.cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    shape = LoopShape.of(cfg, task.train_set)
+    optimizer, scheduler, per_step = build_optimizer(cfg, task.trainable(), shape.steps_per_epoch)
+    torch.manual_seed(cfg.seed)
+    state = LoopState()
+    if resume and has_checkpoint(run_dir):
+        state = restore(task, optimizer, scheduler)
+        console.print(f"resumed {run_dir} at step {state.step} of {shape.total}")
+    stop_at = shape.total if cfg.train.max_steps is None else min(shape.total, cfg.train.max_steps)
+    start = time.perf_counter()
+    task.student.train()
+    batches: Iterator[Batch] | None = None
+    with TrainLog(cfg, shape.total, state.step) as log:
+        while state.step < stop_at:
+            epoch, pass_index, batch_index = shape.coords(state.step)
+            if batches is None or batch_index == 0:
+                order = pass_batches(cfg, task.train_set, epoch, pass_index)[batch_index:]
+                batches = iter(task.train_set.source.iter_batches(order))
+            batch = next(batches, None)  # None only when a whole batch was unreadable and skipped
+            if batch is not None:
+                g = torch.Generator().manual_seed(step_seed(cfg.seed, epoch, pass_index, batch_index, 1))
+                log.step(state.step + 1, epoch, train_step(task, optimizer, task.prepare(batch, g)), optimizer)
+            if per_step:
+                scheduler.step()
+            state.step += 1
+            if state.step % shape.steps_per_epoch == 0:
+                _end_of_epoch(task, evaluate, state, state.step // shape.steps_per_epoch, (optimizer, scheduler),
+                              per_step, log)
+    complete = state.step == shape.total
+    if not complete:
+        save(task, optimizer, scheduler, state)
+    return FitResult(state, time.perf_counter() - start, complete)
+
+
+def _end_of_epoch(task: DistillTask, evaluate: Evaluate, state: LoopState, epochs_done: int,
+                  optim: tuple[Any, Any], per_step: bool, log: TrainLog) -> None:
+    """The per-epoch schedule, then evaluation and a checkpoint when due (always after the last epoch)."""
+    cfg, (optimizer, scheduler) = task.cfg, optim
+    if not per_step:
+        scheduler.step()
+    last = epochs_done == cfg.optim.epochs
+    if last or epochs_done % cfg.train.eval_every == 0:
+        metrics = evaluate()
+        state.history.append({"epoch": epochs_done, "step": state.step, **metrics})
+        log.metrics(metrics, epochs_done)
+    if last or epochs_done % cfg.train.checkpoint_every == 0:
+        save(task, optimizer, scheduler, state)
+
+
+def save(task: DistillTask, optimizer: Any, scheduler: Any, state: LoopState) -> None:
+    """Student weights, optimiser/scheduler/RNG/loop state, and the learned prompt context if any."""
+    run_dir = task.cfg.run_dir
+    save_checkpoint(run_dir, task.student, optimizer, scheduler, state, task.model_meta())
+    if task.prompts is not None:
+        atomic_save_tensors(prompt_path(run_dir), {"ctx": task.prompts.ctx.detach()})
+
+
+def restore(task: DistillTask, optimizer: Any, scheduler: Any) -> LoopState:
+    state = load_checkpoint(task.cfg.run_dir, task.student, optimizer, scheduler)
+    load_prompt_context(task, task.cfg.run_dir)
+    return state
+
+
+def load_prompt_context(task: DistillTask, run_dir: Path) -> None:
+    """The learned context of a run, when this task learns context too (fresh context otherwise)."""
+    path = prompt_path(run_dir)
+    if task.prompts is not None and path.is_file():
+        with torch.no_grad():
+            task.prompts.ctx.copy_(load_tensors(path)["ctx"])
+
+
+class TrainLog:
+    """TensorBoard scalars and the progress bar; loss values are read back from the device only here,
+    every ``train.log_every`` steps."""
+
+    def __init__(self, cfg: ExperimentConfig, total: int, done: int) -> None:
+        self.cfg, self.total, self.done = cfg, total, done
+        self.writer = SummaryWriter(str(cfg.run_dir / "tensorboard"))
+        self.bar = make_progress(cfg.train.progress)
+
+    def __enter__(self) -> TrainLog:
+        self.bar.__enter__()
+        self.task = self.bar.add_task(self.cfg.name, total=self.total, completed=self.done, info="")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.__exit__(*exc)
+        self.writer.close()
+
+    def step(self, step: int, epoch: int, terms: dict[str, torch.Tensor], optimizer: Any) -> None:
+        if step % self.cfg.train.log_every and step != self.total:
+            self.bar.update(self.task, completed=step)
+            return
+        values = {k: float(v) for k, v in terms.items()}  # the sync point: one per logging step
+        for k, v in values.items():
+            self.writer.add_scalar(f"train/{k}", v, step)
+        self.writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step)
+        info = " ".join(f"{k}={v:.3f}" for k, v in values.items())
+        self.bar.update(self.task, completed=step, info=f"ep {epoch + 1}/{self.cfg.optim.epochs} {info}")
+
+    def metrics(self, metrics: dict[str, Any], epoch: int) -> None:
+        for split, values in metrics.items():
+            for k, v in (values or {}).items():
+                self.writer.add_scalar(f"eval/{split}/{k}", v, epoch)

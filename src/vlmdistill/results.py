@@ -1,0 +1,92 @@
+"""One shape for every results file (a trained run, a re-evaluation, the teacher alone) and one table of
+where each reported number lives in it, which ``compare``, the CLI summary and the demo all read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from vlmdistill.config import ExperimentConfig, config_to_dict
+from vlmdistill.teachers import Teacher
+
+Kind = Literal["train", "eval", "teacher"]
+
+
+@dataclass(frozen=True)
+class Metric:
+    label: str
+    path: tuple[str, ...]
+
+
+METRICS: dict[str, Metric] = {
+    "id": Metric("ID", ("metrics", "id", "mean_per_class_recall")),
+    "ood": Metric("OOD 0-shot", ("metrics", "ood", "mean_per_class_recall")),
+    "ood_acc1": Metric("OOD 0-shot acc1", ("metrics", "ood", "acc1")),
+    "ood_5shot_finetune": Metric("OOD few-shot ft", ("fewshot", "finetune", "ood", "mean_per_class_recall")),
+    "ood_5shot_retrieval": Metric("OOD few-shot Tip", ("fewshot", "retrieval", "ood", "mean_per_class_recall")),
+    "gzsl_h": Metric("GZSL H", ("metrics", "gzsl", "harmonic")),
+    "m_rel_train": Metric("M_rel train", ("analysis", "train", "m_rel")),
+    "m_rel_ood": Metric("M_rel OOD", ("analysis", "ood", "m_rel")),
+    "m_neigh5_ood": Metric("M_neigh@5 OOD", ("analysis", "ood", "m_neigh@5")),
+    "m_vlalign3_ood": Metric("M_vlalign@3 OOD", ("analysis", "ood", "m_vlalign@3")),
+    "mse_ood": Metric("MSE OOD", ("analysis", "ood", "mse")),
+    "angle_ood": Metric("angle OOD", ("analysis", "ood", "angle_deg")),
+}
+"""Every number a table may show, by key; a results file without it shows NA."""
+
+
+def metric_value(results: dict[str, Any], key: str) -> Any:
+    """The value of ``METRICS[key]`` in a results dict, or None where that run has no such number."""
+    node: Any = results
+    for part in METRICS[key].path:
+        if not isinstance(node, dict) or node.get(part) is None:
+            return None
+        node = node[part]
+    return node
+
+
+def average_metrics(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean of each numeric metric over evaluations (the paper reports the last 5 outer epochs)."""
+    out: dict[str, Any] = {}
+    for split in ("id", "ood", "gzsl"):
+        entries = [h[split] for h in history if h.get(split)]
+        if entries:
+            out[split] = {k: sum(e[k] for e in entries) / len(entries) for k in entries[0] if k in entries[-1]}
+    return out
+
+
+def teacher_summary(teacher: Teacher) -> dict[str, Any]:
+    from vlmdistill.students import count_parameters
+
+    return {"id": teacher.id, "description": teacher.description, "params": count_parameters(teacher.model)}
+
+
+@dataclass
+class RunResults:
+    """What ``results.json`` (and ``eval.json``, ``teacher/results.json``) hold; None where not applicable."""
+
+    kind: Kind
+    run: str
+    run_dir: str
+    mode: str
+    teacher: dict[str, Any]
+    student: dict[str, Any] | None
+    metrics: dict[str, Any]
+    config: dict[str, Any]
+    data: dict[str, Any] = field(default_factory=lambda: {"skipped_images": 0, "skipped": []})
+    complete: bool = True
+    metrics_last_avg: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    train: dict[str, Any] | None = None
+    analysis: dict[str, Any] | None = None
+    fewshot: dict[str, Any] | None = None
+
+    @classmethod
+    def start(cls, kind: Kind, cfg: ExperimentConfig, run: str, run_dir: str, teacher: Teacher,
+              student: dict[str, Any] | None, metrics: dict[str, Any]) -> RunResults:
+        return cls(kind=kind, run=run, run_dir=run_dir, mode=cfg.mode, teacher=teacher_summary(teacher),
+                   student=student, metrics=metrics, config=config_to_dict(cfg))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

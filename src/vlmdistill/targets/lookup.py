@@ -1,0 +1,67 @@
+"""The teacher's target for each view a student trains on: replayed from the store, or computed online.
+
+Three sources, chosen once per run from the config:
+- ``stored views`` (default): the store holds K random views per image; each step picks one per image, so
+  the student sees exactly the view the teacher's target was computed on;
+- ``whole image`` (paper): the target is the teacher's embedding of the whole image, whatever the view;
+- ``online``: views that cannot be stored (one augmentation per batch, or ``target_views=0``) are
+  rendered for the teacher inside the step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vlmdistill.config import ExperimentConfig
+from vlmdistill.data.source import ImageSource
+from vlmdistill.data.views import Views, render, sample_views
+from vlmdistill.targets.store import TargetStore, ViewRecipe, open_store
+from vlmdistill.teachers import Teacher
+
+
+def target_recipe(cfg: ExperimentConfig) -> ViewRecipe | None:
+    """The stored views a run needs (view 0 is always the whole image); None when targets run online."""
+    if cfg.train.teacher_view == "whole":
+        return ViewRecipe(0, cfg.seed, cfg.data.crop_scale, cfg.data.hflip)
+    if cfg.train.target_views > 0 and cfg.data.augment_per == "image":
+        return ViewRecipe(cfg.train.target_views, cfg.seed, cfg.data.crop_scale, cfg.data.hflip)
+    return None
+
+
+@dataclass
+class TargetLookup:
+    """Views for the student and the teacher's raw embeddings of them; ``None`` targets when not needed."""
+
+    cfg: ExperimentConfig
+    teacher: Teacher | None
+    store: TargetStore | None = None
+
+    @property
+    def kind(self) -> str:
+        return "store" if self.store is not None else "online" if self.teacher is not None else "none"
+
+    def __call__(
+        self, index: torch.Tensor, images: torch.Tensor, g: torch.Generator
+    ) -> tuple[Views, torch.Tensor | None]:
+        d = self.cfg.data
+        if self.store is not None and self.cfg.train.teacher_view == "same":
+            view_ids = torch.randint(1, self.store.n_views, (len(index),), generator=g)
+            return self.store.views(index, view_ids), self.store.targets(index, view_ids)
+        views = sample_views(len(index), g, d.crop_scale, hflip=d.hflip, per_batch=d.augment_per == "batch")
+        if self.store is not None:
+            return views, self.store.targets(index, torch.zeros_like(index))
+        if self.teacher is not None:
+            return views, self.teacher.encode_images(render(images, views, self.teacher.image_size))
+        return views, None
+
+
+def open_targets(cfg: ExperimentConfig, teacher: Teacher, source: ImageSource, needed: bool) -> TargetLookup:
+    """The lookup a run trains with: the store when its views can be stored, the teacher online otherwise."""
+    if not needed:
+        return TargetLookup(cfg, None)
+    recipe = target_recipe(cfg)
+    if recipe is None:
+        return TargetLookup(cfg, teacher)
+    return TargetLookup(cfg, None, open_store(teacher, source, recipe, cfg.cache_dir, cfg.train.progress))

@@ -1,0 +1,143 @@
+"""One distillation task: the student, the learned prompt context, the Objective and the target lookup.
+
+As open_clip's ``task/distill_task.py`` and timm's ``task/distillation.py``: the loop hands the task a
+batch and gets back the loss and its named terms; evaluation gets the bare student (``image_encoder``)
+and the class embeddings (``class_embeddings``), never the task. One step, top to bottom:
+
+    batch (images, index) -> views (+ the teacher's targets of those views) -> pixels      ``prepare``
+    pixels -> student -> s;  targets -> t;  labels -> y;  class texts -> w -> Objective      ``forward``
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlmdistill.config import ExperimentConfig
+from vlmdistill.data.captions import captions_for, read_captions
+from vlmdistill.data.source import Batch
+from vlmdistill.data.views import randaugment, render
+from vlmdistill.device import resolve_device
+from vlmdistill.losses import LossInputs, Objective
+from vlmdistill.students import Student, create_student
+from vlmdistill.targets.lookup import TargetLookup
+from vlmdistill.text.labels import LabelSpace
+from vlmdistill.text.prompt_learner import PromptLearner, class_prompt_texts
+from vlmdistill.text.textbank import embed_texts
+from vlmdistill.workspace import TrainSet, Workspace, class_text_embeddings
+
+
+@dataclass
+class StepBatch:
+    """The data side of one step, ready for the student: rendered pixels and the teacher's raw targets."""
+
+    pixels: torch.Tensor
+    index: torch.Tensor
+    targets: torch.Tensor | None
+
+
+class DistillTask(nn.Module):
+    """Everything with parameters or loss maths in one training run; built without touching the store."""
+
+    def __init__(self, cfg: ExperimentConfig, ws: Workspace, train_set: TrainSet) -> None:
+        super().__init__()
+        self.cfg, self.train_set = cfg, train_set
+        self.device = resolve_device(cfg.device)
+        self.n_id = len(ws.dataset.id_space)
+        self.closed_set = cfg.loss.closed_set
+        self.teacher_id = ws.teacher.id
+        self.w_id, self.w_ood = class_text_embeddings(cfg, ws)
+        self.w_train = train_set.w.to(self.device)
+        out_dim = self.n_id + len(ws.dataset.ood_space) if self.closed_set else ws.teacher.embed_dim
+        self.student: Student = create_student(cfg.student, out_dim).to(self.device)
+        self.id_texts, self.ood_texts = _class_texts(cfg, ws)
+        self.prompts = _prompt_learner(cfg, ws, self.id_texts, self.ood_texts, len(train_set.w)).to(self.device) \
+            if cfg.text.learn_context else None
+        self.objective = Objective(cfg.loss)
+        self.caption_embeddings = _caption_embeddings(cfg, ws, train_set) if cfg.loss.cap.weight and not \
+            self.closed_set else None
+        self.targets = TargetLookup(cfg, None)
+
+    # ------------------------------------------------------------------ one step
+    def prepare(self, batch: Batch, g: torch.Generator) -> StepBatch:
+        """Data side: one view per image (per batch in paper mode), the teacher's targets of those views,
+        optional RandAugment, and the student's pixels on the device."""
+        views, targets = self.targets(batch.index, batch.images, g)
+        images = batch.images
+        if self.cfg.data.randaugment:
+            images = randaugment(images, g, per_batch=self.cfg.data.augment_per == "batch")
+        pixels = render(images, views, self.cfg.student.image_size).to(self.device, non_blocking=True)
+        return StepBatch(pixels, batch.index, targets)
+
+    def forward(self, step: StepBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Compute side: the student's embedding of the view against the teacher's, the labels and the texts."""
+        amp = self.cfg.train.amp and self.device.type == "cuda"
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
+            s_raw = self.student(step.pixels).float()
+        t_raw = step.targets.to(self.device) if step.targets is not None else None
+        inputs = LossInputs(
+            s=F.normalize(s_raw, dim=-1),
+            y=self.train_set.labels[step.index].to(self.device),
+            w=self.prompts() if self.prompts is not None else self.w_train,
+            t=F.normalize(t_raw, dim=-1) if t_raw is not None else None,
+            s_raw=s_raw,
+            t_raw=t_raw,
+            c=self.caption_embeddings[step.index].to(self.device) if self.caption_embeddings is not None else None,
+        )
+        return self.objective(inputs)
+
+    # ------------------------------------------------------------------ what evaluation and checkpoints need
+    def image_encoder(self) -> Student:
+        return self.student
+
+    def trainable(self) -> list[nn.Parameter]:
+        """The student's parameters, plus the prompt context when it is learned (same lr and decay, as CoOp)."""
+        return [*self.student.parameters(), *([self.prompts.ctx] if self.prompts is not None else [])]
+
+    @torch.no_grad()
+    def class_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """ID and OOD class text embeddings (from the learned context when prompt learning is on), on CPU."""
+        if self.prompts is None:
+            return self.w_id.cpu(), self.w_ood.cpu()
+        return self.prompts(self.id_texts).cpu(), self.prompts(self.ood_texts).cpu()
+
+    def model_meta(self) -> dict[str, str]:
+        """What a checkpoint must match to be loaded into this task (and what deployment reads)."""
+        spec = self.student.spec
+        return {
+            "student_arch": self.cfg.student.arch,
+            "student_id": spec.id,
+            "out_dim": str(self.student.out_dim),
+            "image_size": str(self.cfg.student.image_size),
+            "mean": ",".join(str(v) for v in spec.mean),
+            "std": ",".join(str(v) for v in spec.std),
+            "teacher_id": self.teacher_id,
+            "closed_set": str(self.closed_set),
+        }
+
+
+def _class_texts(cfg: ExperimentConfig, ws: Workspace) -> tuple[list[str], list[str]]:
+    """The ID and OOD class texts a learned context is prepended to ("{name}." or "{name} . {desc}.")."""
+    use = cfg.text.use_descriptions
+
+    def texts(space: LabelSpace) -> list[str]:
+        return class_prompt_texts(space.names, [c.description for c in space.classes] if use else None)
+
+    return texts(ws.dataset.id_space), texts(ws.dataset.ood_space)
+
+
+def _prompt_learner(cfg: ExperimentConfig, ws: Workspace, id_texts: list[str], ood_texts: list[str],
+                    n_train_classes: int) -> PromptLearner:
+    """CoOp context over the training classes (ID, or ID then OOD when few-shot data is mixed in)."""
+    train_texts = id_texts if n_train_classes == len(id_texts) else id_texts + ood_texts
+    return PromptLearner(ws.teacher, train_texts, cfg.text.n_ctx)
+
+
+def _caption_embeddings(cfg: ExperimentConfig, ws: Workspace, train_set: TrainSet) -> torch.Tensor:
+    """Teacher text embeddings of each training image's caption (for L_cap), cached like class texts."""
+    path = cfg.text.captions
+    texts = captions_for(train_set.source.records, read_captions(path), path)
+    return embed_texts(ws.teacher, texts, cfg.cache_dir)

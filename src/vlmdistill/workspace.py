@@ -1,0 +1,108 @@
+"""What every job on one dataset and teacher shares: the splits as image sources, the class texts, the
+teacher's own eval-view features, and the (train, eval) sets a job works on.
+
+Built once and reused by every run of a sweep (the demo's variants), so images are decoded and the
+teacher's eval features computed once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from vlmdistill.config import ExperimentConfig
+from vlmdistill.data.dataset import Dataset, Split, open_dataset
+from vlmdistill.data.source import ImageSource
+from vlmdistill.data.views import Views
+from vlmdistill.teachers import Teacher, load_teacher
+from vlmdistill.text.labels import LabelSpace
+from vlmdistill.text.textbank import embed_texts
+
+ViewFactory = Callable[[int], Views]
+"""The view of each of n images, for deterministic (evaluation) views."""
+
+
+@dataclass
+class Workspace:
+    """A dataset's splits as image sources and the teacher that scores them."""
+
+    dataset: Dataset
+    teacher: Teacher
+    train: ImageSource
+    id_val: ImageSource
+    ood_val: ImageSource
+    teacher_features: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def owns(self, source: ImageSource) -> bool:
+        return any(source is own for own in (self.train, self.id_val, self.ood_val))
+
+
+def build_workspace(cfg: ExperimentConfig, teacher: Teacher | None = None) -> Workspace:
+    d = cfg.data
+    dataset = open_dataset(d.dir, cfg.text.descriptions, skip_missing=d.skip_bad_images)
+    teacher = teacher or load_teacher(cfg.teacher)
+
+    def source(split: Split) -> ImageSource:
+        return ImageSource(split.records, d.base_size, d.resize, d.num_workers, d.skip_bad_images, d.preload)
+
+    return Workspace(dataset, teacher, source(dataset.train), source(dataset.id_val), source(dataset.ood_val))
+
+
+def class_prompts(cfg: ExperimentConfig, space: LabelSpace) -> list[str]:
+    """The prompt of each class of ``space`` under the configured template (and descriptions)."""
+    t = cfg.text
+    return space.prompts(t.template, t.description_template, t.use_descriptions)
+
+
+def class_text_embeddings(cfg: ExperimentConfig, ws: Workspace) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit-norm teacher text embeddings of the ID and the OOD class prompts (cached on disk)."""
+    d = ws.dataset
+    return (embed_texts(ws.teacher, class_prompts(cfg, d.id_space), cfg.cache_dir),
+            embed_texts(ws.teacher, class_prompts(cfg, d.ood_space), cfg.cache_dir))
+
+
+@dataclass
+class TrainSet:
+    """What the loop trains on: images, their labels, and the class text embeddings the labels index.
+
+    ``support`` marks few-shot images; when set, every batch mixes them with base images as the paper's
+    FewShotSampler does.
+    """
+
+    source: ImageSource
+    labels: torch.Tensor
+    w: torch.Tensor
+    support: torch.Tensor | None = None
+
+
+@dataclass
+class EvalSet:
+    """ID-val scored over ID classes, OOD-val over OOD classes (support images already removed)."""
+
+    id_source: ImageSource
+    id_labels: torch.Tensor
+    ood_source: ImageSource
+    ood_labels: torch.Tensor
+
+
+def default_sets(ws: Workspace, w_id: torch.Tensor) -> tuple[TrainSet, EvalSet]:
+    """ID-train against the ID class texts; ID-val and all of OOD-val for evaluation."""
+    d = ws.dataset
+    train = TrainSet(ws.train, torch.tensor(d.train.labels, dtype=torch.long), w_id)
+    evals = EvalSet(ws.id_val, torch.tensor(d.id_val.labels, dtype=torch.long),
+                    ws.ood_val, torch.tensor(d.ood_val.labels, dtype=torch.long))
+    return train, evals
+
+
+def student_eval_view(cfg: ExperimentConfig) -> ViewFactory:
+    """The deterministic view every student is scored on: the centre ``data.eval_crop`` of the image."""
+    return lambda n: Views.center(n, cfg.data.eval_crop)
+
+
+def teacher_eval_view(cfg: ExperimentConfig) -> ViewFactory:
+    """The teacher's test view: the student's centre crop, or (paper) the whole squashed image."""
+    if cfg.data.teacher_eval_view == "whole":
+        return Views.whole
+    return student_eval_view(cfg)
