@@ -1,12 +1,20 @@
-"""Every file the toolkit writes goes through here, so a crash never leaves a half-written file behind."""
+"""Every file the toolkit writes goes through here, so a crash never leaves a half-written file behind.
+
+Whole files are written beside their target and renamed over it (``atomic_*``); a folder built in
+several steps is built aside and swapped in whole (``replace_dir``); an append-only log gets whole
+lines only (``append_line``, with ``end_last_line`` to repair what a killed writer left).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Iterable
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +47,88 @@ def _atomic(path: Path, write: Any) -> None:
         raise
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    _atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    _atomic(path, lambda tmp: tmp.write_bytes(data))
+
+
+def atomic_write_text(path: Path, text: str, errors: str = "strict") -> None:
+    """UTF-8; ``errors="surrogateescape"`` writes file names that are not UTF-8 back as their own bytes."""
+    _atomic(path, lambda tmp: tmp.write_bytes(text.encode("utf-8", errors)))
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def atomic_save_image(path: Path, image: Any, **save_kwargs: Any) -> None:
+    """A PIL image, in the format its file name says (the temp file's suffix must not decide it)."""
+    from PIL import Image
+
+    image_format = Image.registered_extensions()[Path(path).suffix.lower()]
+    _atomic(path, lambda tmp: image.save(tmp, format=image_format, **save_kwargs))
+
+
+def atomic_save_figure(path: Path, figure: Any, **savefig_kwargs: Any) -> None:
+    """A matplotlib figure, in the format its file name says."""
+    _atomic(path, lambda tmp: figure.savefig(tmp, format=Path(path).suffix.lstrip(".").lower(), **savefig_kwargs))
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append one line and flush it, so a killed process loses at most the line it was writing."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("ab") as handle:
+        handle.write(line.rstrip("\n").encode("utf-8") + b"\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def end_last_line(path: Path, complete: Callable[[bytes], bool]) -> None:
+    """Make a line log end in a newline: a last line a killed writer cut short is dropped unless
+    ``complete`` says it is whole (then only its newline was lost), so appends start on their own line."""
+    path = Path(path)
+    if not path.exists():
+        return
+    with path.open("rb+") as handle:
+        data = handle.read()
+        if data and not data.endswith(b"\n"):
+            cut = data.rfind(b"\n") + 1
+            if complete(data[cut:]):
+                handle.write(b"\n")
+            else:
+                handle.truncate(cut)
+
+
+@contextmanager
+def replace_dir(path: Path) -> Iterator[Path]:
+    """Yield a fresh folder beside ``path``; when the block ends without error it replaces ``path``.
+
+    On error the new folder is removed and ``path`` keeps its old contents. Between the two renames that
+    swap them ``path`` is briefly absent, never half-written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".new"))
+    try:
+        yield new
+        os.chmod(new, 0o777 & ~_UMASK)
+        old = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.old"
+        had_old = path.exists() or path.is_symlink()
+        if had_old:
+            os.rename(path, old)
+        try:
+            os.rename(new, path)
+        except BaseException:
+            if had_old:
+                os.rename(old, path)
+            raise
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    if had_old and old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old, ignore_errors=True)
+    elif had_old:
+        old.unlink()
 
 
 def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
@@ -62,10 +146,12 @@ def read_json(path: Path) -> Any:
 
 
 def sha256_strings(parts: Iterable[str]) -> str:
-    """A stable digest of an ordered list of strings (used for every cache key)."""
+    """A stable digest of an ordered list of strings (used for every cache key).
+
+    File names that are not UTF-8 (Linux names are bytes) are hashed as their own bytes."""
     h = hashlib.sha256()
     for part in parts:
-        data = part.encode("utf-8")
+        data = part.encode("utf-8", "surrogateescape")
         h.update(len(data).to_bytes(8, "little"))
         h.update(data)
     return h.hexdigest()

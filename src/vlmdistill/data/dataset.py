@@ -10,14 +10,20 @@ Layout (what ``vlmdistill prepare`` writes, and what the paper's ``split_dataset
     <root>/{train,val_on_train,val}/<class_dir>/<file>
 
 Without list files the split folders are scanned instead.
+
+Every entry must stay inside ``<root>``: a list entry that is absolute or has a ``..`` part is refused,
+and so is a file whose real path (symlinks followed) is outside ``<root>``, except for the links
+``prepare`` made, whose targets must lie in the images folder it recorded in ``prepare.json``.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from vlmdistill.errors import VlmdistillError
+from vlmdistill.io import read_json
 from vlmdistill.text.labels import (
     ClassInfo,
     LabelFileError,
@@ -86,17 +92,68 @@ def _read_list(root: Path, split: str) -> list[tuple[str, str]] | None:
 
 
 def read_list_file(path: Path, split: str) -> list[tuple[str, str]]:
-    """The paper's list format: one ``<split>/<class_dir>/<file>`` a line; returns (line, class_dir) pairs."""
+    """The paper's list format: one ``<split>/<class_dir>/<file>`` a line; returns (line, class_dir) pairs.
+
+    Bytes that are not UTF-8 (file names are bytes on Linux) come back as the same bytes when opened.
+    """
     out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    text = path.read_bytes().decode("utf-8", "surrogateescape")
+    for n, line in enumerate(text.splitlines(), start=1):
         line = line.strip()
         if not line:
             continue
         parts = line.split("/")
+        if line.startswith("/") or ".." in parts:
+            raise DatasetError(
+                f"{path}:{n}: entry {line!r} points outside the dataset folder (absolute or '..'); "
+                f"entries must be '{split}/<class_dir>/<file>' under it"
+            )
         if len(parts) < 3:
             raise DatasetError(f"{path}:{n}: expected '{split}/<class_dir>/<file>', got {line!r}")
         out.append((line, parts[1]))
     return out
+
+
+def _linked_images(root: Path) -> str | None:
+    """The folder prepare linked images from: ``images_root`` in prepare.json (older versions: ``images``)."""
+    meta = root / "prepare.json"
+    if not meta.is_file():
+        return None
+    try:
+        info = read_json(meta)
+    except (OSError, ValueError) as err:
+        raise DatasetError(f"{meta} is unreadable ({err}); run `vlmdistill prepare` again") from err
+    linked = info.get("images_root", info.get("images")) if isinstance(info, dict) else None
+    return linked if isinstance(linked, str) else None
+
+
+class _Containment:
+    """Checks that an entry's real file lies in the dataset folder or the images folder prepare linked from.
+
+    Real paths of folders are cached, so a large split costs one ``lstat`` per file.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.allowed = [os.path.realpath(root)]
+        linked = _linked_images(root)
+        if linked is not None:
+            self.allowed.append(os.path.realpath(linked))
+        self._dirs: dict[str, str] = {}
+
+    def check(self, line: str) -> None:
+        path = os.path.join(self.root, line)
+        parent = os.path.dirname(path)
+        if parent not in self._dirs:
+            self._dirs[parent] = os.path.realpath(parent)
+        real = os.path.join(self._dirs[parent], os.path.basename(path))
+        real = os.path.realpath(real) if os.path.islink(real) else real
+        if not any(real == a or real.startswith(a.rstrip(os.sep) + os.sep) for a in self.allowed):
+            raise DatasetError(
+                f"{path} leads to {real}, outside the dataset folder {self.root}"
+                + (f" and the images folder prepare linked from ({self.allowed[1]})" if len(self.allowed) > 1 else "")
+                + "; only links made by `vlmdistill prepare` may leave the dataset folder"
+            )
 
 
 def _scan_split(root: Path, split: str) -> list[tuple[str, str]]:
@@ -135,6 +192,31 @@ def _load_classes(root: Path, found: set[str], descriptions: Path | None) -> lis
     return classes
 
 
+def _records(
+    root: Path, entries: dict[str, list[tuple[str, str]]], skip_missing: bool
+) -> tuple[dict[str, list[Record]], list[str]]:
+    """Records of the entries that exist (all inside the allowed folders), and the missing entries."""
+    inside = _Containment(root)
+    missing: list[str] = []
+    records: dict[str, list[Record]] = {}
+    for split, items in entries.items():
+        keep = []
+        for line, class_dir in items:
+            inside.check(line)
+            path = root / line
+            if not path.exists():
+                missing.append(line)
+                continue
+            keep.append(Record(path=path, class_dir=class_dir, key=line))
+        records[split] = keep
+    if missing and not skip_missing:
+        raise DatasetError(
+            f"{len(missing)} images listed under {root} do not exist (first: {missing[0]}); "
+            "fix the list files or set data.skip_bad_images=true to skip them"
+        )
+    return records, missing
+
+
 def open_dataset(root: Path, descriptions: Path | None = None, skip_missing: bool = False) -> Dataset:
     """Read a prepared dataset; missing image files are an error unless ``skip_missing`` (then counted)."""
     root = Path(root)
@@ -152,25 +234,12 @@ def open_dataset(root: Path, descriptions: Path | None = None, skip_missing: boo
         classes = _load_classes(root, found, descriptions)
     except LabelFileError as err:
         raise DatasetError(str(err)) from err
-    missing: list[str] = []
-    records: dict[str, list[Record]] = {}
-    for split, items in entries.items():
-        keep = []
-        for line, class_dir in items:
-            path = root / line
-            if not path.exists():
-                missing.append(line)
-                continue
-            keep.append(Record(path=path, class_dir=class_dir, key=line))
-        records[split] = keep
-    if missing and not skip_missing:
-        raise DatasetError(
-            f"{len(missing)} images listed under {root} do not exist (first: {missing[0]}); "
-            "fix the list files or set data.skip_bad_images=true to skip them"
-        )
+    records, missing = _records(root, entries, skip_missing)
+    desc_file = str(descriptions if descriptions is not None else root / "chatgpt.txt")
+
     def space(split: str) -> LabelSpace:
         present = {r.class_dir for r in records[split]} | {c for _, c in entries[split]}
-        return LabelSpace(tuple(c for c in classes if c.dir in present))
+        return LabelSpace(tuple(c for c in classes if c.dir in present), desc_file)
 
     id_space, ood_space = space("train"), space("val")
     overlap = set(id_space.dirs) & set(ood_space.dirs)

@@ -4,6 +4,11 @@ Three sources: the paper's list files (exact reproduction of its splits), a fold
 or a CSV ``path,label[,split]``. Without given splits the paper's rule is applied from a seed: a random
 ID/OOD class split, then ceil(0.7 n) random training images per ID class, the rest ID-val, and every
 image of an OOD class in OOD-val. Images are linked, not copied.
+
+The output folder is built beside OUT and swapped in at the end, so a failed prepare leaves OUT as it
+was and a re-run leaves no stale class folders; OUT must be new, empty or an earlier prepare's output.
+File names that are not UTF-8 are kept as their bytes; class folder names must be UTF-8 (they become
+the class names in prompts).
 """
 
 from __future__ import annotations
@@ -15,10 +20,11 @@ import random
 import re
 from collections import defaultdict
 from dataclasses import dataclass
+from io import StringIO
 from pathlib import Path
 
 from vlmdistill.data.dataset import IMAGE_EXTENSIONS, SPLITS, DatasetError, read_list_file
-from vlmdistill.io import atomic_write_json, atomic_write_text, sha256_strings
+from vlmdistill.io import atomic_write_json, atomic_write_text, replace_dir, sha256_strings
 from vlmdistill.text.labels import (
     ClassInfo,
     classes_from_folders,
@@ -97,25 +103,28 @@ def from_csv(csv_path: Path) -> tuple[dict[str, list[Path]], dict[str, str], dic
     images: dict[str, list[Path]] = defaultdict(list)
     names: dict[str, str] = {}
     splits: dict[Path, str] = {}
-    with open(csv_path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None or not {"path", "label"} <= set(reader.fieldnames):
-            raise DatasetError(f"{csv_path} needs a header with columns 'path,label' (optionally 'split')")
-        for n, row in enumerate(reader, start=2):
-            label = (row["label"] or "").strip()
-            if not label or not row["path"]:
-                raise DatasetError(f"{csv_path}:{n}: empty path or label")
-            path = (csv_path.parent / row["path"].strip()).resolve()
-            if not path.is_file():
-                raise DatasetError(f"{csv_path}:{n}: image {row['path'].strip()} does not exist (looked for {path})")
-            d = _safe_dir(label)
-            names[d] = label
-            images[d].append(path)
-            if row.get("split"):
-                split = row["split"].strip()
-                if split not in SPLITS:
-                    raise DatasetError(f"{csv_path}:{n}: split must be one of {SPLITS}, got {split!r}")
-                splits[path] = split
+    try:
+        text = csv_path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DatasetError(f"{csv_path} is not UTF-8 (byte {err.start}); save it as UTF-8") from err
+    reader = csv.DictReader(StringIO(text, newline=""))
+    if reader.fieldnames is None or not {"path", "label"} <= set(reader.fieldnames):
+        raise DatasetError(f"{csv_path} needs a header with columns 'path,label' (optionally 'split')")
+    for n, row in enumerate(reader, start=2):
+        label = (row["label"] or "").strip()
+        if not label or not row["path"]:
+            raise DatasetError(f"{csv_path}:{n}: empty path or label")
+        path = (csv_path.parent / row["path"].strip()).resolve()
+        if not path.is_file():
+            raise DatasetError(f"{csv_path}:{n}: image {row['path'].strip()} does not exist (looked for {path})")
+        d = _safe_dir(label)
+        names[d] = label
+        images[d].append(path)
+        if row.get("split"):
+            split = row["split"].strip()
+            if split not in SPLITS:
+                raise DatasetError(f"{csv_path}:{n}: split must be one of {SPLITS}, got {split!r}")
+            splits[path] = split
     if not images:
         raise DatasetError(f"{csv_path} has no rows")
     return dict(images), names, splits
@@ -168,39 +177,82 @@ def from_lists(lists_dir: Path, images_root: Path) -> dict[str, dict[str, list[P
     return dict(out)
 
 
+def _check_target(out_dir: Path, classes: list[ClassInfo], assignment: dict[str, dict[str, list[Path]]]) -> None:
+    """Refuse what would overwrite a user's folder, give an empty split, or a class name that is not text."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DatasetError(f"{out_dir} is a file; give a folder for the prepared dataset")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "prepare.json").is_file():
+        raise DatasetError(
+            f"{out_dir} is not empty and is not the output of an earlier `vlmdistill prepare` (no prepare.json); "
+            "give a new or empty folder"
+        )
+    bad = [c.dir for c in classes if _undecodable(c.dir)]
+    if bad:
+        shown = ", ".join(repr(os.fsencode(d)) for d in bad[:5])
+        raise DatasetError(f"class folder names {shown} are not valid UTF-8; rename them (they become class names)")
+    for split, what in (("train", "ID training"), ("val", "OOD")):
+        if not any(assignment.get(c.dir, {}).get(split) for c in classes):
+            raise DatasetError(
+                f"the '{split}' split of {out_dir} would be empty (no {what} images); "
+                "change --id-fraction, --train-fraction or --id-classes, or the split column"
+            )
+
+
+def _undecodable(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _link_split(out_dir: Path, split: str, classes: list[ClassInfo], assignment: dict) -> list[str]:
+    """Link one split's images as ``<split>/<class_dir>/<name>``; same-named files get a hash suffix."""
+    lines = []
+    for c in classes:
+        used: set[str] = set()
+        for src in assignment.get(c.dir, {}).get(split, []):
+            name = src.name
+            if name in used:
+                name = f"{src.stem}_{sha256_strings([str(src)])[:8]}{src.suffix}"
+            used.add(name)
+            rel = f"{split}/{c.dir}/{name}"
+            link = out_dir / rel
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(Path(src).resolve())
+            lines.append(rel)
+    return lines
+
+
 def write_prepared(
     out_dir: Path,
     classes: list[ClassInfo],
     assignment: dict[str, dict[str, list[Path]]],
     provenance: dict,
 ) -> dict[str, int]:
-    """Link images into the paper's split layout and write its list, label and description files."""
+    """Link images into the paper's split layout and write its list, label and description files.
+
+    ``prepare.json`` records ``images_root``, the folder every link points into, so ``open_dataset``
+    can refuse a link that leads anywhere else.
+    """
     out_dir = Path(out_dir)
+    _check_target(out_dir, classes, assignment)
+    sources = [Path(p).resolve() for c in classes for ps in assignment.get(c.dir, {}).values() for p in ps]
+    images_root = os.path.commonpath([str(p.parent) for p in sources])
     counts = {}
-    for split in SPLITS:
-        lines = []
-        for c in classes:
-            used: set[str] = set()
-            for src in assignment.get(c.dir, {}).get(split, []):
-                name = src.name
-                if name in used:
-                    name = f"{src.stem}_{sha256_strings([str(src)])[:8]}{src.suffix}"
-                used.add(name)
-                rel = f"{split}/{c.dir}/{name}"
-                link = out_dir / rel
-                link.parent.mkdir(parents=True, exist_ok=True)
-                if link.is_symlink() or link.exists():
-                    link.unlink()
-                link.symlink_to(Path(src).resolve())
-                lines.append(rel)
-        atomic_write_text(out_dir / f"{split}_data.txt", "".join(f"{x}\n" for x in lines))
-        counts[split] = len(lines)
-    atomic_write_text(out_dir / "label2text.txt", format_label_file(classes))
-    if all(c.description for c in classes):
-        atomic_write_text(out_dir / "chatgpt.txt", "".join(f"{c.description}\n" for c in classes))
-    id_classes = [c.dir for c in classes if assignment.get(c.dir, {}).get("train")]
-    counts |= {"id_classes": len(id_classes), "ood_classes": sum(bool(assignment[c]["val"]) for c in assignment)}
-    atomic_write_json(out_dir / "prepare.json", {**provenance, "counts": counts, "id_classes": id_classes})
+    with replace_dir(out_dir) as new:
+        for split in SPLITS:
+            lines = _link_split(new, split, classes, assignment)
+            atomic_write_text(new / f"{split}_data.txt", "".join(f"{x}\n" for x in lines), errors="surrogateescape")
+            counts[split] = len(lines)
+        atomic_write_text(new / "label2text.txt", format_label_file(classes))
+        if all(c.description for c in classes):
+            atomic_write_text(new / "chatgpt.txt", "".join(f"{c.description}\n" for c in classes))
+        id_classes = [c.dir for c in classes if assignment.get(c.dir, {}).get("train")]
+        counts |= {"id_classes": len(id_classes),
+                   "ood_classes": sum(bool(assignment[c]["val"]) for c in assignment)}
+        meta = {**provenance, "images_root": images_root, "counts": counts, "id_classes": id_classes}
+        atomic_write_json(new / "prepare.json", meta)
     return counts
 
 

@@ -7,8 +7,9 @@ and ``chatgpt.txt`` (line i describes line i of label2text), or a JSON ``{class:
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+
 from vlmdistill.errors import VlmdistillError
 
 
@@ -24,9 +25,21 @@ class ClassInfo:
     description: str | None = None
 
 
+def _read_text(path: Path) -> str:
+    """The file as UTF-8; another encoding is an error naming the line, not a traceback."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise LabelFileError(
+            f"{path}:{line}: byte {data[err.start:err.start + 1]!r} is not UTF-8; save the file as UTF-8"
+        ) from err
+
+
 def _lines(path: Path) -> list[str]:
     """Lines without their newline; trailing blank lines (a final newline) do not count."""
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    lines = _read_text(path).splitlines()
     while lines and not lines[-1].strip():
         lines.pop()
     return lines
@@ -41,7 +54,7 @@ def read_label_file(path: Path) -> list[ClassInfo]:
     seen: set[str] = set()
     for n, line in enumerate(_lines(path), start=1):
         fields = line.strip().split(" ")
-        if len(fields) != 3 or not fields[1].isdigit():
+        if len(fields) != 3 or not (fields[1].isascii() and fields[1].isdigit()):
             raise LabelFileError(
                 f"{path}:{n}: expected '<class_dir> <1-based id> <name_with_underscores>', got {line!r}"
             )
@@ -60,7 +73,10 @@ def read_descriptions(path: Path, classes: list[ClassInfo], label_path: Path | N
     if not path.is_file():
         raise LabelFileError(f"description file {path} does not exist")
     if path.suffix.lower() == ".json":
-        mapping = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            mapping = json.loads(_read_text(path))
+        except json.JSONDecodeError as err:
+            raise LabelFileError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from err
         if not isinstance(mapping, dict):
             raise LabelFileError(f"{path} must hold a JSON object {{class: description}}")
         missing = [c.dir for c in classes if c.dir not in mapping and c.name not in mapping]
@@ -99,6 +115,8 @@ class LabelSpace:
     """The ordered classes one split is scored over; index i is label i."""
 
     classes: tuple[ClassInfo, ...]
+    # Where descriptions would come from, for messages only (open_dataset sets the dataset's own file).
+    descriptions_file: str = field(default="<data.dir>/chatgpt.txt", compare=False)
 
     def __len__(self) -> int:
         return len(self.classes)
@@ -115,7 +133,7 @@ class LabelSpace:
         return {c.dir: i for i, c in enumerate(self.classes)}
 
     def __add__(self, other: LabelSpace) -> LabelSpace:
-        return LabelSpace(self.classes + other.classes)
+        return LabelSpace(self.classes + other.classes, self.descriptions_file)
 
     def prompts(self, template: str, description_template: str, use_descriptions: bool) -> list[str]:
         """The paper's prompts: ``a photo of {name}`` or ``a photo of {name} . {description}``."""
@@ -125,6 +143,6 @@ class LabelSpace:
         if missing:
             raise LabelFileError(
                 f"text.use_descriptions is on but {len(missing)} classes have no description "
-                f"({', '.join(missing[:5])}); give data/chatgpt.txt or text.descriptions"
+                f"({', '.join(missing[:5])}); give {self.descriptions_file} or text.descriptions"
             )
         return [description_template.format(name=c.name, description=c.description) for c in self.classes]
