@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from vlmdistill.config import load_config
+from vlmdistill.data.captions import captions_for, read_captions
 from vlmdistill.data.dataset import open_dataset
-from vlmdistill.jobs import distill
 from vlmdistill.losses import CaptionLoss, LossInputs
-from vlmdistill.text.captions import captions_for, read_captions
 from vlmdistill.text.labels import LabelFileError
+from vlmdistill.train import distill
 
 
 def test_caption_loss_masks_same_class_captions() -> None:

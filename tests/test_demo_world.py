@@ -5,16 +5,18 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from vlmdistill.data import demo_world
-from vlmdistill.data.demo_world import (
+from vlmdistill.demo import world as demo_world
+from vlmdistill.demo.world import (
     MIN_CLASSES,
     WorldInfo,
+    WorldParams,
     ensure_world,
     generate_world,
     load_world,
@@ -22,20 +24,22 @@ from vlmdistill.data.demo_world import (
     world_is_complete,
 )
 
-SMALL = {"seed": 5, "n_classes": 24, "images_per_class": 5, "corpus_per_class": 3, "image_size": 32}
-# The default class count, with few images: the split guarantees are about classes, not images.
-WIDE = {"seed": 1, "n_classes": 120, "images_per_class": 2, "corpus_per_class": 2, "image_size": 32}
+SMALL = WorldParams(seed=5, n_classes=24, images_per_class=5, corpus_per_class=3, image_size=32)
+# The full world's class count, with few images: the split guarantees are about classes, not images.
+WIDE = WorldParams(seed=1, n_classes=120, images_per_class=2, corpus_per_class=2, image_size=32)
+# The smallest images a world allows, for the tests that only need files to exist.
+TINY = replace(SMALL, images_per_class=2, corpus_per_class=2)
 HABITAT_WORDS = {"dark": "dark", "light": "pale", "grass": "grass", "sand": "sand", "water": "water"}
 
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory: pytest.TempPathFactory) -> WorldInfo:
-    return generate_world(tmp_path_factory.mktemp("small"), **SMALL)
+    return generate_world(tmp_path_factory.mktemp("small"), SMALL)
 
 
 @pytest.fixture(scope="module")
 def wide(tmp_path_factory: pytest.TempPathFactory) -> WorldInfo:
-    return generate_world(tmp_path_factory.mktemp("wide"), **WIDE)
+    return generate_world(tmp_path_factory.mktemp("wide"), WIDE)
 
 
 def _lines(path: Path) -> list[str]:
@@ -51,10 +55,9 @@ def _all_files(root: Path) -> dict[str, bytes]:
 
 
 def test_same_seed_gives_byte_identical_world(tmp_path: Path) -> None:
-    params = {**SMALL, "images_per_class": 2, "corpus_per_class": 2}
-    generate_world(tmp_path / "a", **params)
-    generate_world(tmp_path / "b", **params)
-    generate_world(tmp_path / "c", **{**params, "seed": params["seed"] + 1})
+    generate_world(tmp_path / "a", TINY)
+    generate_world(tmp_path / "b", TINY)
+    generate_world(tmp_path / "c", replace(TINY, seed=TINY.seed + 1))
     a, b, c = (_all_files(tmp_path / x) for x in "abc")
     assert a == b
     assert a["label2text.txt"] != c["label2text.txt"]
@@ -65,7 +68,7 @@ def test_same_seed_gives_byte_identical_world(tmp_path: Path) -> None:
 def test_label_and_description_files(small: WorldInfo) -> None:
     rows = [line.split(" ") for line in _lines(small.root / "label2text.txt")]
     assert all(len(row) == 3 for row in rows)
-    assert [int(row[1]) for row in rows] == list(range(1, SMALL["n_classes"] + 1))
+    assert [int(row[1]) for row in rows] == list(range(1, SMALL.n_classes + 1))
     assert [row[0] for row in rows] == list(small.class_dirs) == sorted(small.class_dirs)
     assert all(row[2] == row[0] == name.replace(" ", "_") for row, name in zip(rows, small.names, strict=True))
     assert _lines(small.root / "chatgpt.txt") == list(small.descriptions)
@@ -83,7 +86,7 @@ def test_descriptions_state_the_habitat_that_names_lack(wide: WorldInfo) -> None
 
 
 def test_split_lists_follow_the_papers_rule(small: WorldInfo) -> None:
-    n = SMALL["images_per_class"]
+    n = SMALL.images_per_class
     per_split: dict[str, dict[str, list[str]]] = {}
     for split in ("train", "val_on_train", "val"):
         per_split[split] = {}
@@ -131,19 +134,20 @@ def test_every_ood_value_is_seen_in_id_and_rare_values_are_rare(fixture: str, re
 
 def test_world_json_records_attributes_and_split(wide: WorldInfo) -> None:
     world = _world_json(wide)
-    assert world["seed"] == WIDE["seed"] and world["image_size"] == WIDE["image_size"]
+    assert world["seed"] == WIDE.seed and world["image_size"] == WIDE.image_size
     assert set(world["vocabulary"]) == {"shape", "colour", "pattern", "background", "size"}
     assert len(world["vocabulary"]["colour"]) >= 8 and len(world["vocabulary"]["shape"]) >= 8
     assert [c["class_dir"] for c in world["classes"]] == list(wide.class_dirs)
     assert {c["class_dir"] for c in world["classes"] if c["split"] == "ood"} == set(wide.ood_classes)
     assert abs(len(wide.id_classes) - len(wide.ood_classes)) <= 1
     assert load_world(wide.root) == wide
+    assert wide.params == WIDE
 
 
 def test_corpus_captions_cover_names_and_descriptions(small: WorldInfo) -> None:
     corpus = small.root / "corpus"
     records = [json.loads(line) for line in _lines(corpus / "captions.jsonl")]
-    assert len(records) == SMALL["n_classes"] * SMALL["corpus_per_class"]
+    assert len(records) == SMALL.n_classes * SMALL.corpus_per_class
     by_class: dict[str, list[str]] = {}
     for r in records:
         assert set(r) == {"path", "caption"}
@@ -151,7 +155,7 @@ def test_corpus_captions_cover_names_and_descriptions(small: WorldInfo) -> None:
         by_class.setdefault(r["path"].split("/")[1], []).append(r["caption"])
     for d, name, description in zip(small.class_dirs, small.names, small.descriptions, strict=True):
         captions = by_class[d]
-        assert len(captions) == SMALL["corpus_per_class"]
+        assert len(captions) == SMALL.corpus_per_class
         assert any(name in c for c in captions)
         assert description in captions
 
@@ -165,7 +169,7 @@ def test_corpus_images_differ_from_dataset_images(small: WorldInfo) -> None:
 
 @pytest.mark.parametrize("size", [32, 48, 64])
 def test_images_are_rgb_pngs_of_the_requested_size(tmp_path: Path, size: int) -> None:
-    info = generate_world(tmp_path, **{**SMALL, "images_per_class": 2, "corpus_per_class": 2, "image_size": size})
+    info = generate_world(tmp_path, replace(TINY, image_size=size))
     for path in [*(tmp_path / "images").rglob("*.png"), *(tmp_path / "corpus").rglob("*.png")][::7]:
         with Image.open(path) as image:
             assert image.format == "PNG" and image.mode == "RGB" and image.size == (size, size)
@@ -184,43 +188,48 @@ def test_habitat_background_is_visible(wide: WorldInfo) -> None:
 
 
 def test_completeness_check_and_interrupted_generation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    params = {**SMALL, "images_per_class": 2, "corpus_per_class": 2}
-    assert not world_is_complete(tmp_path, **params)
-    generate_world(tmp_path, **params)
-    assert world_is_complete(tmp_path, **params)
-    assert not world_is_complete(tmp_path, **{**params, "seed": params["seed"] + 1})
-    assert not world_is_complete(tmp_path, **{**params, "image_size": 48})
+    params = TINY
+    assert not world_is_complete(tmp_path, params)
+    generate_world(tmp_path, params)
+    assert world_is_complete(tmp_path, params)
+    assert not world_is_complete(tmp_path, replace(params, seed=params.seed + 1))
+    assert not world_is_complete(tmp_path, replace(params, image_size=48))
 
     def crash(*args: object) -> None:
         raise KeyboardInterrupt
 
     monkeypatch.setattr(demo_world, "_write_corpus", crash)
     with pytest.raises(KeyboardInterrupt):
-        generate_world(tmp_path, **params)
-    assert not world_is_complete(tmp_path, **params)
+        generate_world(tmp_path, params)
+    assert not world_is_complete(tmp_path, params)
     monkeypatch.undo()
-    assert ensure_world(tmp_path, **params).root == tmp_path
-    assert world_is_complete(tmp_path, **params)
+    assert ensure_world(tmp_path, params).root == tmp_path
+    assert world_is_complete(tmp_path, params)
 
     next(iter((tmp_path / "images").rglob("*.png"))).unlink()
-    assert not world_is_complete(tmp_path, **params)
+    assert not world_is_complete(tmp_path, params)
     (tmp_path / "world.json").unlink()
-    assert not world_is_complete(tmp_path, **params)
+    assert not world_is_complete(tmp_path, params)
 
 
 def test_ensure_world_reuses_a_complete_world(tmp_path: Path) -> None:
-    params = {**SMALL, "images_per_class": 2, "corpus_per_class": 2}
-    first = ensure_world(tmp_path, **params)
+    first = ensure_world(tmp_path, TINY)
     stamp = (tmp_path / "world.json").stat().st_mtime_ns
-    assert ensure_world(tmp_path, **params) == first
+    assert ensure_world(tmp_path, TINY) == first
     assert (tmp_path / "world.json").stat().st_mtime_ns == stamp
 
 
 def test_regeneration_removes_classes_of_an_older_world(tmp_path: Path) -> None:
-    params = {**SMALL, "images_per_class": 2, "corpus_per_class": 2}
-    generate_world(tmp_path, **params)
-    info = generate_world(tmp_path, **{**params, "seed": params["seed"] + 1})
+    generate_world(tmp_path, TINY)
+    info = generate_world(tmp_path, replace(TINY, seed=TINY.seed + 1))
     assert sorted(p.name for p in (tmp_path / "images").iterdir()) == sorted(info.class_dirs)
+
+
+def test_named_worlds_keep_their_cache_folder_names() -> None:
+    assert (WorldParams.quick().n_classes, WorldParams.full().n_classes) == (32, 120)
+    assert WorldParams.quick().tag == "c32-i12-k12-s32"
+    assert WorldParams.full().tag == "c120-i30-k40-s32"
+    assert replace(SMALL, id_fraction=0.6).tag == "c24-i5-k3-s32-seed5-id0.6"
 
 
 @pytest.mark.parametrize(
@@ -237,5 +246,5 @@ def test_regeneration_removes_classes_of_an_older_world(tmp_path: Path) -> None:
 )
 def test_rejects_parameters_it_cannot_honour(tmp_path: Path, bad: dict) -> None:
     with pytest.raises(ValueError):
-        generate_world(tmp_path, **{**SMALL, **bad})
+        generate_world(tmp_path, replace(SMALL, **bad))
     assert not (tmp_path / "world.json").exists()

@@ -15,6 +15,7 @@ from vlmdistill.text.labels import LabelFileError
 
 
 def read_captions(path: Path) -> dict[str, str]:
+    """Caption by path key, as written in the file; a malformed line or empty caption is a user error."""
     path = Path(path)
     if not path.is_file():
         raise LabelFileError(f"caption file {path} does not exist")
