@@ -35,6 +35,7 @@ class Reply:
     body: bytes | dict | None = None
     headers: dict[str, str] = field(default_factory=dict)
     delay_s: float = 0.0
+    echo_auth: bool = False  # the body repeats the request's Authorization header, as a careless server may
 
 
 def answer(content: object) -> dict:
@@ -114,6 +115,9 @@ class FakeLLM:
             def _send(self, reply: Reply, name: str) -> None:
                 time.sleep(reply.delay_s)
                 body = answer(f' "{description_of(name)}\n" ') if reply.body is None else reply.body
+                if reply.echo_auth:
+                    echoed = f"bad request with Authorization: {self.headers.get('Authorization')}"
+                    body = answer(echoed) if reply.status == 200 else {"error": {"message": echoed}}
                 data = body if isinstance(body, bytes) else json.dumps(body).encode()
                 self.send_response(reply.status)
                 for key, value in {"Content-Type": "application/json", **reply.headers}.items():
@@ -241,6 +245,25 @@ def test_unauthorized_stops_the_run_and_names_the_key_variable(fake: FakeLLM, tm
     assert all("MY_LLM_KEY" in error and "not set" in error for error in result.failed.values())
     assert "Incorrect API key" in result.failed["goldfish"]
     assert result.requests_made == len(fake.requests) == 1
+
+
+def test_api_key_echoed_by_the_server_is_never_shown_or_written(
+    fake: FakeLLM, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    key = "sk-secret-0123456789"
+    monkeypatch.setenv("OPENAI_API_KEY", key)
+    fake.script["goldfish"] = Reply(status=400, echo_auth=True)
+    fake.script["daisy"] = Reply(status=500, echo_auth=True)
+    fake.script["tabby cat"] = Reply(status=200, echo_auth=True)
+    cache = tmp_path / "c.jsonl"
+    result = describe_classes(NAMES, fake.endpoint(), cache_path=cache, concurrency=1, **FAST)
+    assert fake.requests[0]["headers"]["Authorization"] == f"Bearer {key}"  # the server did see it
+    assert set(result.failed) == {"goldfish", "daisy"}
+    assert "Bearer ***" in result.failed["goldfish"] and "Bearer ***" in result.failed["daisy"]
+    assert result.descriptions["tabby cat"].endswith("Bearer ***")
+    write_descriptions(result, tmp_path / "d.json")
+    written = cache.read_text() + (tmp_path / "d.json").read_text() + repr(result) + caplog.text
+    assert key not in written and "***" in caplog.text
 
 
 def test_unreachable_endpoint_fails_every_class_after_retries(tmp_path: Path) -> None:

@@ -5,6 +5,9 @@ This module asks an LLM behind a chat-completions endpoint (OpenAI, vLLM, Ollama
 those sentences. Runs over thousands of classes meet rate limits, flaky servers and Ctrl-C, so requests
 are retried with backoff, run with bounded concurrency, and every answer is appended to a JSONL cache at
 once: a re-run asks only for what is still missing.
+
+The API key never leaves the request: a server that echoes the Authorization header in an error body
+(or an answer) has the key replaced by ``***`` before anything is returned, logged or written.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ import logging
 import os
 import random
 import re
-import tempfile
 import threading
 import time
 import urllib.error
@@ -28,7 +30,9 @@ from dataclasses import dataclass, field
 from email.message import Message
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import BinaryIO
+
+from vlmdistill.errors import VlmdistillError
+from vlmdistill.io import append_line, atomic_write_text, end_last_line
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +58,10 @@ _THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
 _QUOTES = "\"'`“”‘’«»"
 
 
+class DescribeError(VlmdistillError, ValueError):
+    """A describe request that cannot be served as given (prompt, concurrency, missing descriptions)."""
+
+
 @dataclass
 class LLMEndpoint:
     """Where and how to ask: an OpenAI-compatible base URL such as "http://localhost:8000/v1"."""
@@ -77,6 +85,11 @@ class LLMEndpoint:
             headers["Authorization"] = f"Bearer {key}"
         return headers
 
+    def redact(self, text: str) -> str:
+        """``text`` with the API key, wherever a server echoed it, replaced by ``***``."""
+        key = os.environ.get(self.api_key_env)
+        return text.replace(key, "***") if key else text
+
 
 @dataclass
 class DescribeResult:
@@ -97,7 +110,7 @@ def resolve_prompt(prompt: str) -> tuple[str, str]:
     if prompt in PROMPT_VARIANTS:
         return prompt, PROMPT_VARIANTS[prompt]
     if "{cls}" not in prompt:
-        raise ValueError(
+        raise DescribeError(
             f"prompt must be one of {sorted(PROMPT_VARIANTS)} or an instruction containing '{{cls}}', got {prompt!r}"
         )
     return "custom-" + hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:16], prompt
@@ -228,19 +241,20 @@ class _Asker:
 
     def __call__(self, name: str) -> _Outcome:
         prompt_text = self.instruction.replace("{cls}", name)
+        redact = self.endpoint.redact
         error = ""
         for attempt in range(self.max_retries + 1):
             if self._stop.is_set():
                 prefix = f"{error}; then " if error else ""
                 return _Outcome(name, None, f"{prefix}not asked: {self._stop_reason}", attempt)
             try:
-                return _Outcome(name, _request_once(self.endpoint, prompt_text), None, attempt + 1)
+                return _Outcome(name, redact(_request_once(self.endpoint, prompt_text)), None, attempt + 1)
             except _Fatal as err:
                 if err.endpoint_wide:
-                    self.stop(f"the endpoint rejected an earlier request: {err}")
-                return _Outcome(name, None, str(err), attempt + 1)
+                    self.stop(f"the endpoint rejected an earlier request: {redact(str(err))}")
+                return _Outcome(name, None, redact(str(err)), attempt + 1)
             except _Retryable as err:
-                error = str(err)
+                error = redact(str(err))
                 if attempt < self.max_retries:
                     self._stop.wait(self._delay(attempt, err.retry_after))
         attempts = self.max_retries + 1
@@ -272,19 +286,12 @@ class _AnswerCache:
                 found[record["name"]] = record["description"]
         return found
 
-    def open_append(self) -> BinaryIO:
-        """Open for appending after dropping a partial last line, so new records start on their own line."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():
-            with self.path.open("rb+") as handle:
-                data = handle.read()
-                if data and not data.endswith(b"\n"):
-                    cut = data.rfind(b"\n") + 1
-                    if _parse_record(data[cut:]) is None:
-                        handle.truncate(cut)
-                    else:
-                        handle.write(b"\n")
-        return self.path.open("ab")
+    def repair(self) -> None:
+        """Drop a partial last line (or end a whole one), so new records start on their own line."""
+        end_last_line(self.path, lambda line: _parse_record(line) is not None)
+
+    def add(self, record: dict[str, str]) -> None:
+        append_line(self.path, json.dumps(record, ensure_ascii=False))
 
 
 def _parse_record(line: bytes) -> dict[str, str] | None:
@@ -320,7 +327,7 @@ def describe_classes(
     progress(done, total) is called from this thread after each class is settled.
     """
     if concurrency < 1:
-        raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+        raise DescribeError(f"concurrency must be at least 1, got {concurrency}")
     prompt_id, instruction = resolve_prompt(prompt)
     unique = list(dict.fromkeys(names))
     cache = _AnswerCache(Path(cache_path))
@@ -330,7 +337,8 @@ def describe_classes(
     result = DescribeResult(cache_hits=len(found))
     if todo:
         asking = closing(_ask_all(todo, endpoint, instruction, concurrency, max_retries, backoff_s))
-        with asking as outcomes, cache.open_append() as handle:
+        cache.repair()
+        with asking as outcomes:
             for done, outcome in enumerate(outcomes, len(found) + 1):
                 result.requests_made += outcome.attempts
                 if outcome.description is None:
@@ -338,15 +346,13 @@ def describe_classes(
                     result.failed[outcome.name] = outcome.error or "unknown error"
                 else:
                     found[outcome.name] = outcome.description
-                    record = {
+                    cache.add({
                         "name": outcome.name,
                         "prompt_id": prompt_id,
                         "model": endpoint.model,
-                        "base_url": endpoint.base_url,
+                        "base_url": endpoint.redact(endpoint.base_url),
                         "description": outcome.description,
-                    }
-                    handle.write(json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n")
-                    handle.flush()
+                    })
                 if progress is not None:
                     progress(done, len(unique))
     result.descriptions = {name: found[name] for name in unique if name in found}
@@ -386,7 +392,7 @@ def _too_long(
 def write_descriptions(result_or_mapping: DescribeResult | Mapping[str, str], out: Path) -> None:
     """Write {class name: description} as UTF-8 JSON, atomically so a crash never leaves half a file."""
     mapping = _as_mapping(result_or_mapping)
-    _write_atomic(Path(out), json.dumps(dict(mapping), ensure_ascii=False, indent=2) + "\n")
+    atomic_write_text(Path(out), json.dumps(dict(mapping), ensure_ascii=False, indent=2) + "\n")
 
 
 def write_chatgpt_txt(names: Sequence[str], descriptions: DescribeResult | Mapping[str, str], out: Path) -> None:
@@ -396,25 +402,10 @@ def write_chatgpt_txt(names: Sequence[str], descriptions: DescribeResult | Mappi
     missing = [name for name, line in lines.items() if not line]
     if missing:
         shown = ", ".join(repr(name) for name in missing[:10]) + (" ..." if len(missing) > 10 else "")
-        raise ValueError(f"no description for {len(missing)} of {len(lines)} classes: {shown}")
-    _write_atomic(Path(out), "".join(lines[name] + "\n" for name in names))
+        raise DescribeError(f"no description for {len(missing)} of {len(lines)} classes: {shown}")
+    atomic_write_text(Path(out), "".join(lines[name] + "\n" for name in names))
 
 
 def _as_mapping(value: DescribeResult | Mapping[str, str]) -> Mapping[str, str]:
     return value.descriptions if isinstance(value, DescribeResult) else value
 
-
-def _write_atomic(out: Path, text: str) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        with suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
