@@ -1,0 +1,331 @@
+"""The distilled student as a ready model: ``vlmdistill.load(MODEL_DIR or RUN_DIR)``.
+
+A model folder (``vlmdistill export``) or a run directory both become a ``DistilledModel``: the student,
+the exact eval preprocessing the run was scored with, the class texts, and (lazily) a text tower for new
+class names. The text tower is the model folder's open_clip export when there is one, else the teacher
+named in the run's config, checked to be the very teacher the student was trained against.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from vlmdistill.checkpoint import checkpoint_paths, load_weights, prompt_path
+from vlmdistill.config import ExperimentConfig, load_config
+from vlmdistill.data.views import Views, render
+from vlmdistill.errors import VlmdistillError
+from vlmdistill.images import load_image
+from vlmdistill.io import load_tensors, read_json
+from vlmdistill.students import Student, create_student
+
+log = logging.getLogger(__name__)
+
+ImageInput = Image.Image | str | Path | torch.Tensor
+
+MANIFEST = "manifest.json"
+WEIGHTS = "student.safetensors"
+CLASSES = "classes.safetensors"
+CONFIG = "config.yaml"
+CONTEXT = "prompt_context.safetensors"
+ONNX = "model.onnx"
+OPEN_CLIP_DIR = "open_clip"
+FORMAT = "vlmdistill-model/1"
+
+
+class ModelLoadError(VlmdistillError, ValueError):
+    """A path that is neither a model folder nor a usable run directory."""
+
+
+class ClosedSetError(ModelLoadError):
+    """The closed-set baseline is a classifier over its training classes, not an encoder in the teacher's
+    space: it cannot score new class names, so it is not exported or loaded as a zero-shot model."""
+
+
+class TextTowerError(VlmdistillError, RuntimeError):
+    """New class names need the teacher's text tower, and none is available."""
+
+
+@dataclass(frozen=True)
+class Transform:
+    """The run's eval view: ``base_size`` square (``resize``), centre ``eval_crop``, area-resampled to
+    ``image_size`` (torchvision ``roi_align``, aligned), pixels in [0, 1]. The student normalises itself."""
+
+    base_size: int
+    resize: str
+    eval_crop: float
+    image_size: int
+
+    @classmethod
+    def from_config(cls, cfg: ExperimentConfig) -> Transform:
+        d = cfg.data
+        return cls(d.base_size, d.resize, d.eval_crop, cfg.student.image_size)
+
+    def base(self, image: Image.Image | str | Path) -> torch.Tensor:
+        """uint8 [3, base, base]; a path is decoded by ``images.load_image`` (its errors name the file)."""
+        if not isinstance(image, Image.Image):
+            return load_image(Path(image), self.base_size, self.resize)  # type: ignore[arg-type]
+        im, s = image.convert("RGB"), self.base_size
+        if self.resize == "squash":
+            im = im.resize((s, s), Image.Resampling.BICUBIC)
+        else:
+            w, h = im.size
+            scale = s / min(w, h)
+            nw, nh = max(s, round(w * scale)), max(s, round(h * scale))
+            im = im.resize((nw, nh), Image.Resampling.BICUBIC)
+            left, top = (nw - s) // 2, (nh - s) // 2
+            im = im.crop((left, top, left + s, top + s))
+        return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+
+    def __call__(self, image: Image.Image | str | Path) -> torch.Tensor:
+        """float [3, image_size, image_size] in [0, 1]."""
+        base = self.base(image).unsqueeze(0)
+        return render(base, Views.center(1, self.eval_crop), self.image_size)[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def read_classes(path: Path, descriptions: Path | None = None) -> tuple[list[str], list[str | None]]:
+    """Class names from a label2text.txt or a plain file of one name a line, with optional descriptions."""
+    from vlmdistill.text.labels import ClassInfo, LabelFileError, read_descriptions, read_label_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise LabelFileError(f"class file {path} does not exist")
+    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if not lines:
+        raise LabelFileError(f"class file {path} lists no classes: give one name a line")
+    if all(len(f) == 3 and f[1].isdigit() for f in (ln.split(" ") for ln in lines)):
+        classes = read_label_file(path)
+    else:
+        classes = [ClassInfo(dir=n, id=i + 1, name=n) for i, n in enumerate(lines)]
+    if descriptions is not None:
+        classes = read_descriptions(descriptions, classes, path)
+    return [c.name for c in classes], [c.description for c in classes]
+
+
+def _run_classes(cfg: ExperimentConfig) -> tuple[list[str], list[str | None]]:
+    """The run's ID then OOD classes, when its dataset is still where the config says."""
+    from vlmdistill.data.dataset import open_dataset
+
+    try:
+        d = open_dataset(cfg.data.dir, cfg.text.descriptions, skip_missing=True)
+    except VlmdistillError as err:
+        log.warning("the run's classes are unavailable (%s); give class names to classify", err)
+        return [], []
+    classes = list(d.id_space.classes) + list(d.ood_space.classes)
+    return [c.name for c in classes], [c.description for c in classes]
+
+
+class DistilledModel:
+    """The student with its preprocessing and class texts. Embeddings are unit-norm, on CPU."""
+
+    def __init__(self, student: Student, cfg: ExperimentConfig, teacher_id: str, source: Path,
+                 class_names: list[str], descriptions: list[str | None], class_embeddings: torch.Tensor | None = None,
+                 context: torch.Tensor | None = None, manifest: dict[str, Any] | None = None) -> None:
+        self.student = student.eval().requires_grad_(False)
+        self.cfg, self.teacher_id, self.source = cfg, teacher_id, Path(source)
+        self.transform = Transform(**manifest["preprocessing"]["transform"]) if manifest else Transform.from_config(cfg)
+        self.class_names, self.descriptions = class_names, descriptions
+        self._class_embeddings, self.context, self.manifest = class_embeddings, context, manifest or {}
+        self.logit_scale = 1.0 / cfg.loss.temperature
+        self._text: _TeacherText | _OpenClipText | None = None
+        self._teacher: Any = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.student.mean.device
+
+    def pixels(self, images: ImageInput | Sequence[ImageInput]) -> torch.Tensor:
+        """Any of PIL images, paths or already-transformed tensors -> [B, 3, S, S] in [0, 1]."""
+        if isinstance(images, torch.Tensor):
+            return images.unsqueeze(0) if images.dim() == 3 else images
+        items = [images] if isinstance(images, (Image.Image, str, Path)) else list(images)
+        return torch.stack([x if isinstance(x, torch.Tensor) else self.transform(x) for x in items])
+
+    @torch.no_grad()
+    def encode_image(self, images: ImageInput | Sequence[ImageInput], batch_size: int = 64) -> torch.Tensor:
+        """Unit-norm student embeddings [B, D] in the teacher's space."""
+        pixels = self.pixels(images)
+        out = [self.student(chunk.to(self.device).float()).float().cpu() for chunk in pixels.split(batch_size)]
+        return F.normalize(torch.cat(out), dim=-1)
+
+    @torch.no_grad()
+    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
+        """Unit-norm teacher text embeddings [N, D] of the texts exactly as given (no template)."""
+        return self._text_tower().encode(list(texts))
+
+    def prompts(self, names: Sequence[str], descriptions: Sequence[str | None] | None = None) -> list[str]:
+        """The run's prompt of each class: its template, with the description when the run used them."""
+        t = self.cfg.text
+        descs = list(descriptions) if descriptions is not None else [None] * len(names)
+        if t.use_descriptions and all(descs):
+            return [t.description_template.format(name=n, description=d) for n, d in zip(names, descs, strict=True)]
+        if t.use_descriptions:
+            log.warning("the run was trained with descriptions; classes without one use %r", t.template)
+        return [t.template.format(name=n) for n in names]
+
+    @torch.no_grad()
+    def class_embeddings(self, names: Sequence[str] | None = None,
+                         descriptions: Sequence[str | None] | None = None) -> torch.Tensor:
+        """Unit-norm [C, D]: the stored classes' (``names`` None), or new names through the text tower."""
+        if names is None:
+            if self._class_embeddings is None:
+                if not self.class_names:
+                    raise TextTowerError(f"{self.source} stores no classes: give class names to classify")
+                self._class_embeddings = self.class_embeddings(self.class_names, self.descriptions)
+            return self._class_embeddings
+        if self.context is not None:
+            from vlmdistill.text.prompt_learner import class_texts
+
+            use = self.cfg.text.use_descriptions and descriptions is not None and all(descriptions)
+            return self._text_tower().encode_with_context(class_texts(list(names), list(descriptions) if use else None))
+        return self.encode_text(self.prompts(names, descriptions))
+
+    @torch.no_grad()
+    def scores(self, images: ImageInput | Sequence[ImageInput],
+               class_names: Sequence[str] | None = None) -> torch.Tensor:
+        """Softmax probabilities [B, C] at the run's temperature over ``class_names`` (or the stored classes)."""
+        w = self.class_embeddings(class_names)
+        return (self.logit_scale * self.encode_image(images) @ w.T).softmax(-1)
+
+    def classify(self, images: ImageInput | Sequence[ImageInput], class_names: Sequence[str] | None = None,
+                 top_k: int = 5) -> list[list[tuple[str, float]]]:
+        """Per image, the ``top_k`` (class name, probability) pairs, best first."""
+        names = list(class_names) if class_names is not None else self.class_names
+        probs = self.scores(images, class_names)
+        top = probs.topk(min(top_k, probs.shape[1]), dim=1)
+        return [[(names[int(i)], float(p)) for p, i in zip(ps, ix, strict=True)]
+                for ps, ix in zip(top.values, top.indices, strict=True)]
+
+    def teacher(self) -> Any:
+        """The run's teacher (from its config), checked to be the one the student was trained against."""
+        if self._teacher is None:
+            self._teacher = _load_teacher(self)
+        return self._teacher
+
+    def _text_tower(self) -> _TeacherText | _OpenClipText:
+        if self._text is None:
+            self._text = _open_text_tower(self)
+        return self._text
+
+
+class _TeacherText:
+    """The run's teacher, with the run's learned prompt context when it learned one."""
+
+    def __init__(self, teacher: Any, context: torch.Tensor | None) -> None:
+        self.teacher, self.context = teacher, context
+
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        return F.normalize(self.teacher.encode_texts(texts), dim=-1).cpu()
+
+    def encode_with_context(self, class_texts: list[str]) -> torch.Tensor:
+        from vlmdistill.text.prompt_learner import PromptLearner
+
+        assert self.context is not None
+        learner = PromptLearner(self.teacher, class_texts, n_ctx=len(self.context)).to(self.teacher.device)
+        learner.ctx.data.copy_(self.context)
+        return learner().cpu()
+
+
+class _OpenClipText:
+    """The text tower carried in a model folder's open_clip export (no teacher download needed)."""
+
+    def __init__(self, folder: Path, device: torch.device) -> None:
+        import open_clip
+
+        name = f"local-dir:{folder}"
+        self.model = open_clip.create_model(name, device=device).eval()
+        self.tokenizer, self.device = open_clip.get_tokenizer(name), device
+
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        tokens = self.tokenizer(texts).to(self.device)
+        return self.model.encode_text(tokens, normalize=True).float().cpu()
+
+
+def _load_teacher(m: DistilledModel) -> Any:
+    from vlmdistill.teachers import load_teacher
+
+    where = m.source / "config.yaml"
+    stored = f"only the {len(m.class_names)} classes stored in {m.source} can be scored (give no class names)"
+    try:
+        teacher = load_teacher(m.cfg.teacher.model_copy(update={"device": str(m.device)}))
+    except VlmdistillError as err:
+        raise TextTowerError(
+            f"new class names need the teacher's text tower, and the teacher of {where} cannot be loaded: {err}. "
+            f"Without it {stored}; `vlmdistill export --open-clip` puts the text tower into the model folder"
+        ) from err
+    if m.teacher_id and teacher.id != m.teacher_id:
+        raise TextTowerError(
+            f"the teacher of {where} loads as {teacher.id}, but the student was trained against {m.teacher_id}: "
+            f"its weights or preprocessing changed. Point teacher.* in {where} at the original weights; "
+            f"until then {stored}"
+        )
+    return teacher
+
+
+def _open_text_tower(m: DistilledModel) -> _TeacherText | _OpenClipText:
+    """The model folder's open_clip text tower, else the run's teacher (checked to be the same weights)."""
+    oc = m.source / OPEN_CLIP_DIR
+    if m.context is None and (oc / "open_clip_config.json").is_file():
+        return _OpenClipText(oc, m.device)
+    return _TeacherText(m.teacher(), m.context)
+
+
+def _student(cfg: ExperimentConfig, out_dim: int, weights: dict[str, torch.Tensor], device: str) -> Student:
+    student = create_student(cfg.student.model_copy(update={"pretrained": False}), out_dim)
+    student.load_state_dict(weights)
+    return student.to(device)
+
+
+def _from_run(run: Path, device: str) -> DistilledModel:
+    cfg_path, weights_path = run / "config.yaml", checkpoint_paths(run)[0]
+    if not cfg_path.is_file() or not weights_path.is_file():
+        raise ModelLoadError(
+            f"{run} is neither a model folder ({MANIFEST}) nor a finished run (config.yaml and "
+            "checkpoints/last.safetensors): give a `vlmdistill export` folder or a trained run directory"
+        )
+    cfg = load_config(cfg_path)
+    weights, meta = load_weights(weights_path)
+    if cfg.loss.closed_set or meta.get("closed_set") == "True":
+        raise ClosedSetError(
+            f"{run} is the closed-set baseline (loss.closed_set): its student is a classifier over its training "
+            "classes, not an encoder in the teacher's space, so it cannot score class names. Export or load an "
+            "open-vocabulary run instead"
+        )
+    ctx_file = prompt_path(run)
+    context = load_tensors(ctx_file)["ctx"] if cfg.text.learn_context and ctx_file.is_file() else None
+    names, descs = _run_classes(cfg)
+    student = _student(cfg, int(meta["out_dim"]), weights, device)
+    return DistilledModel(student, cfg, meta.get("teacher_id", ""), run, names, descs, context=context)
+
+
+def _from_folder(folder: Path, device: str) -> DistilledModel:
+    manifest = read_json(folder / MANIFEST)
+    if manifest.get("format") != FORMAT:
+        raise ModelLoadError(f"{folder / MANIFEST} is not a {FORMAT} manifest; re-export with `vlmdistill export`")
+    cfg = load_config(folder / CONFIG)
+    weights, _ = load_weights(folder / WEIGHTS)
+    student = _student(cfg, int(manifest["student"]["out_dim"]), weights, device)
+    classes = manifest["classes"]
+    context = load_tensors(folder / CONTEXT)["ctx"] if (folder / CONTEXT).is_file() else None
+    return DistilledModel(student, cfg, manifest["teacher"]["id"], folder, [c["name"] for c in classes],
+                          [c.get("description") for c in classes], load_tensors(folder / CLASSES)["embeddings"],
+                          context, manifest)
+
+
+def load(path: str | Path, device: str = "cpu") -> DistilledModel:
+    """A model folder (``vlmdistill export``) or a run directory (``runs/<name>``) as a ``DistilledModel``."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelLoadError(f"{path} does not exist: give a `vlmdistill export` folder or a run directory")
+    return _from_folder(path, device) if (path / MANIFEST).is_file() else _from_run(path, device)
