@@ -292,6 +292,62 @@ def describe(
     raise typer.Exit(1 if result.failed else 0)
 
 
+@app.command("export")
+def export_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A trained run directory (runs/<name>).")],
+    out: Annotated[Path, typer.Option("--out", help="Model folder to write.")],
+    labels: Annotated[Path | None, typer.Option(help="Classes to store: one name a line, or a label2text.txt "
+                                                     "(default: the run's ID and OOD classes).")] = None,
+    descriptions: Annotated[Path | None, typer.Option(help="Descriptions of --labels: chatgpt.txt or JSON.")] = None,
+    open_clip: Annotated[bool, typer.Option("--open-clip", help="Also write an open_clip model (timm "
+                                            "student + the teacher's text tower) in OUT/open_clip.")] = False,
+) -> None:
+    """A self-contained model folder: weights, manifest, class text embeddings and model.onnx."""
+    from vlmdistill.export import export_model
+
+    manifest = _run(export_model, run_dir, out, labels=labels, descriptions=descriptions, open_clip=open_clip)
+    oc = manifest["open_clip"]
+    console.print(f"wrote {out}: {manifest['student']['arch']} ({manifest['student']['parameters']:,} parameters), "
+                  f"{len(manifest['classes'])} classes, model.onnx (max |onnx - torch| "
+                  f"{manifest['onnx']['parity_max_abs_diff']:.1e})"
+                  + (f", open_clip model in {out / oc['dir']} (max |open_clip - student| "
+                     f"{oc['parity_max_abs_diff']:.1e})" if oc else ""))
+
+
+@app.command("predict")
+def predict_cmd(
+    model_dir: Annotated[Path, typer.Argument(help="A model folder (vlmdistill export) or a run directory.")],
+    images: Annotated[list[Path], typer.Argument(help="Image files and folders (searched recursively).")],
+    labels: Annotated[Path | None, typer.Option(help="Class names: one a line, or a label2text.txt.")] = None,
+    classes: Annotated[str | None, typer.Option(help='Comma-separated class names, e.g. "cat,dog,bird".')] = None,
+    top_k: Annotated[int, typer.Option(help="Labels per image.")] = 5,
+    out: Annotated[Path | None, typer.Option(help="Write predictions to a .jsonl or .csv file.")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+) -> None:
+    """Top-k classes of each image; new class names go through the teacher's text tower. Unreadable
+    images are reported one by one and the rest are still predicted."""
+    from vlmdistill.api import load, read_classes
+    from vlmdistill.predict import format_rows, predict, write_predictions
+
+    if labels is not None and classes is not None:
+        console.print("[bold red]error:[/] give --labels or --classes, not both")
+        raise typer.Exit(2)
+    names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
+    if labels is not None:
+        names = _run(read_classes, labels)[0]
+    model = _run(load, model_dir, device)
+    rows = _run(predict, model, images, names, top_k)
+    if out is not None:
+        _run(write_predictions, rows, out)
+    else:
+        typer.echo(format_rows(rows, "jsonl"), nl=False)
+    bad = [r for r in rows if r.error]
+    for r in bad:
+        typer.echo(f"unreadable {r.path}: {r.error}", err=True)
+    typer.echo(f"{len(rows) - len(bad)} images predicted, {len(bad)} unreadable"
+               + (f"; wrote {out}" if out is not None else ""), err=True)
+
+
 def run() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     app()
