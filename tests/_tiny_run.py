@@ -21,11 +21,13 @@ def tiny_run(root: Path, prepared: Path, teacher_files: tuple[Path, Path], name:
         f"name={name}", f"data.dir={prepared}", "data.base_size=40", "data.num_workers=0", "data.preload=true",
         f"teacher.model_config={cfg_path}", f"teacher.checkpoint={ckpt}", "teacher.batch_size=16",
         "teacher.device=cpu", "device=cpu", "student.arch=resnet10t", "student.image_size=32",
-        "optim.batch_size=8", "optim.epochs=1", "optim.lr=0.01", "train.progress=false", "train.target_views=1",
+        "optim.batch_size=8", "optim.epochs=1", "optim.lr=0.01", "train.progress=false", "train.target_views=0",
         "train.analysis=false", "loss.imcst.weight=1", f"output_dir={root / 'runs'}", f"cache_dir={root / 'cache'}",
         *extra,
     ]
     res = CliRunner().invoke(app, ["train", "-", *overrides])
+    if res.exception is not None and not isinstance(res.exception, SystemExit):
+        raise res.exception
     assert res.exit_code == 0, res.output
     _RUNS[name] = root / "runs" / name
     return _RUNS[name]
