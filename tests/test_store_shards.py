@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-import vlmdistill.targets.store as store_mod
+import vlmdistill.targets.manifest as manifest_mod
 from vlmdistill.config import TeacherConfig
 from vlmdistill.data.dataset import open_dataset
 from vlmdistill.data.source import ImageSource
@@ -27,6 +27,8 @@ from vlmdistill.targets.store import (
     open_store,
     store_footprint,
     store_path,
+    verify_store,
+    verify_stores,
 )
 from vlmdistill.teachers import load_teacher
 
@@ -146,8 +148,8 @@ def test_verification_is_remembered_until_a_file_changes(
     for f in store.path.glob("0*"):
         os.utime(f, (old, old))
     hashed: list[str] = []
-    real = store_mod.sha256_file
-    monkeypatch.setattr(store_mod, "sha256_file", lambda p: hashed.append(Path(p).name) or real(p))
+    real = manifest_mod.sha256_file
+    monkeypatch.setattr(manifest_mod, "sha256_file", lambda p: hashed.append(Path(p).name) or real(p))
     load_store(tmp_path, fresh.key)
     assert len(hashed) == 2 * len(store.shards)  # settled files: hashed once, then remembered
     hashed.clear()
@@ -160,6 +162,32 @@ def test_verification_is_remembered_until_a_file_changes(
     with pytest.raises(StoreError, match=r"lacks shards \[2\]"):
         load_store(tmp_path, fresh.key)
     assert hashed == ["00002.feats.f16"]
+
+
+def test_verify_store_rehashes_what_size_and_mtime_let_pass(
+    inner: object, source: ImageSource, fresh: TargetStore, tmp_path: Path
+) -> None:
+    store = _open(Teacher(inner), source, tmp_path)
+    old = time.time() - 60
+    for f in store.path.glob("0*"):
+        os.utime(f, ns=(int(old * 1e9), int(old * 1e9)))
+    load_store(tmp_path, fresh.key)  # hashes once and remembers [size, mtime]
+    path = store.path / "00002.feats.f16"
+    stamp = path.stat().st_mtime_ns
+    data = bytearray(path.read_bytes())
+    data[0] ^= 0xFF
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(stamp, stamp))  # changed in place, size and mtime restored
+    assert np.array_equal(load_store(tmp_path, fresh.key).shards[0].feats, fresh.shards[0].feats)  # trusted
+    assert verify_store(store.path) == [2]
+    with pytest.raises(StoreError, match=r"lacks shards \[2\]"):
+        load_store(tmp_path, fresh.key)
+    teacher = Teacher(inner)
+    _assert_same(_open(teacher, source, tmp_path), fresh)
+    assert teacher.calls == 1
+    assert verify_stores(tmp_path) == {store.path: []}
+    with pytest.raises(StoreError, match="holds no target store"):
+        verify_store(tmp_path)
 
 
 def test_load_store_names_the_differing_key(inner: object, source: ImageSource, tmp_path: Path) -> None:

@@ -17,12 +17,10 @@ and only then recorded, with its row range and the sha256 and size of its files,
 or lost. Views are drawn from one seeded generator over the whole dataset up front, so resumed shards
 use the same views (and every shard stores its own views next to its embeddings anyway).
 
-Integrity: on open every shard's file sizes are checked; its checksums are checked too unless the
-manifest remembers a past verification of exactly these files (``verified`` = [size, mtime_ns], only
-recorded for files whose mtime is older than ``SETTLE_NS`` at verification time, so a later write can't
-share the remembered mtime). A file changed in place with its size and mtime restored is therefore not
-re-hashed: ``touch`` the shard files to force a check. A shard that fails is re-extracted by itself
-(``open_store``) or refused (``load_store``); it is never read.
+Integrity (``targets/manifest.py``): on open every shard's file sizes are checked, and its sha256
+unless a past verification of exactly this size and mtime is remembered. The store thus trusts size +
+mtime: a file changed in place with both restored is not re-hashed; ``verify_store`` re-hashes all.
+A shard that fails is re-extracted by itself (``open_store``) or refused (``load_store``); never read.
 
 Embeddings stay on disk (one read-only ``numpy.memmap`` per shard; rows are gathered per batch), so a
 store larger than RAM trains with bounded resident memory; boxes, flips and valid (17 bytes per view)
@@ -34,12 +32,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import time
 from dataclasses import dataclass
-from json import JSONDecodeError
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -47,23 +42,28 @@ from safetensors.torch import load, save
 
 from vlmdistill.data.source import ImageSource
 from vlmdistill.data.views import Views, render, sample_views
-from vlmdistill.io import atomic_write_json, read_json, sha256_file, sha256_strings
+from vlmdistill.io import atomic_write_bytes, sha256_strings
 from vlmdistill.progress import make_progress
+from vlmdistill.targets.manifest import (
+    DTYPE,
+    MANIFEST,
+    FileEntry,
+    ShardEntry,
+    StoreError,
+    StoreManifest,
+    drop_bad_shards,
+    verify_store,
+    verify_stores,
+)
 from vlmdistill.teachers.base import Teacher
-from vlmdistill.errors import VlmdistillError
+
+__all__ = ["MANIFEST", "StoreError", "StoreManifest", "StoreMismatchError", "TargetStore", "ViewRecipe",
+           "load_store", "open_store", "store_footprint", "store_key", "store_path", "verify_store", "verify_stores"]
 
 log = logging.getLogger(__name__)
 
 RENDER_VERSION = "roi_align-v1"
-FORMAT = 2
-MANIFEST = "manifest.json"
 DEFAULT_SHARD_SIZE = 4096
-SETTLE_NS = 2_000_000_000
-_DTYPE = np.dtype(np.float16)
-
-
-class StoreError(VlmdistillError, RuntimeError):
-    """A target store that cannot be used as it is; the message says why."""
 
 
 class StoreMismatchError(StoreError):
@@ -190,47 +190,7 @@ def store_footprint(store: TargetStore) -> dict[str, float]:
     }
 
 
-# ---------------------------------------------------------------------------------------------- manifest
-
-
-def _shard_rows(manifest: dict[str, Any], i: int) -> tuple[int, int]:
-    size, n = manifest["shard_size"], manifest["n_images"]
-    return i * size, min((i + 1) * size, n)
-
-
-def _n_shards(manifest: dict[str, Any]) -> int:
-    return -(-manifest["n_images"] // manifest["shard_size"])
-
-
-def _missing(manifest: dict[str, Any]) -> list[int]:
-    return [i for i in range(_n_shards(manifest)) if str(i) not in manifest["shards"]]
-
-
-def _new_manifest(key: dict[str, str], n: int, v: int, d: int, shard_size: int) -> dict[str, Any]:
-    if shard_size < 1:
-        raise ValueError(f"shard_size must be at least 1, got {shard_size}")
-    return {"format": FORMAT, "key": key, "n_images": n, "n_views": v, "embed_dim": d,
-            "shard_size": shard_size, "dtype": _DTYPE.name, "shards": {}}
-
-
-_HEADER = {"format": int, "key": dict, "n_images": int, "n_views": int, "embed_dim": int, "shard_size": int,
-           "shards": dict}
-
-
-def _read_manifest(directory: Path) -> dict[str, Any] | None:
-    """The manifest, None when there is none; ``StoreError`` when it is unreadable or of another format."""
-    path = directory / MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        manifest = read_json(path)
-    except (OSError, JSONDecodeError, UnicodeDecodeError) as err:
-        raise StoreError(f"target store manifest {path} is unreadable ({err})") from err
-    if not isinstance(manifest, dict) or any(not isinstance(manifest.get(k), t) for k, t in _HEADER.items()):
-        raise StoreError(f"target store manifest {path} is malformed")
-    if manifest["format"] != FORMAT or manifest.get("dtype") != _DTYPE.name:
-        raise StoreError(f"target store {directory} has another format ({manifest['format']}, {manifest.get('dtype')})")
-    return manifest
+# ---------------------------------------------------------------------------------------------- opening
 
 
 def _nearest(cache_dir: Path, key: dict[str, str]) -> tuple[Path, dict[str, str]] | None:
@@ -238,78 +198,31 @@ def _nearest(cache_dir: Path, key: dict[str, str]) -> tuple[Path, dict[str, str]
     found = []
     for path in sorted((Path(cache_dir) / "targets").glob(f"*/{MANIFEST}")):
         try:
-            manifest = _read_manifest(path.parent)
+            manifest = StoreManifest.read(path.parent)
         except StoreError:
             continue
-        if manifest is not None and manifest["key"] != key:
-            found.append((len(_differing(manifest["key"], key)), path.parent, manifest["key"]))
+        if manifest is not None and manifest.key != key:
+            found.append((len(_differing(manifest.key, key)), path.parent, manifest.key))
     if not found:
         return None
     _, directory, stored = min(found, key=lambda t: t[0])
     return directory, stored
 
 
-# ---------------------------------------------------------------------------------------------- integrity
-
-
-def _file_ok(directory: Path, entry: dict[str, Any], size: int) -> bool:
-    """Size always; sha256 unless a past verification of this exact size and mtime is remembered."""
-    path = directory / entry["name"]
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return False
-    if st.st_size != size or st.st_size != entry["bytes"]:
-        return False
-    stamp = [st.st_size, st.st_mtime_ns]
-    if entry.get("verified") == stamp:
-        return True
-    if sha256_file(path) != entry["sha256"]:
-        return False
-    entry["verified"] = stamp if time.time_ns() - st.st_mtime_ns > SETTLE_NS else None
-    return True
-
-
-def _shard_ok(directory: Path, manifest: dict[str, Any], i: int) -> bool:
-    """The shard's row range is the expected one and both its files are intact (a malformed entry is not)."""
-    start, stop = _shard_rows(manifest, i)
-    feats_bytes = (stop - start) * manifest["n_views"] * manifest["embed_dim"] * _DTYPE.itemsize
-    try:
-        entry = manifest["shards"][str(i)]
-        files = entry["files"]
-        return (entry["rows"] == [start, stop] and _file_ok(directory, files["feats"], feats_bytes)
-                and _file_ok(directory, files["meta"], files["meta"]["bytes"]))
-    except (KeyError, TypeError, AttributeError):
-        return False
-
-
-def _drop_bad_shards(directory: Path, manifest: dict[str, Any]) -> list[str]:
-    """Forget (and return) shards whose files are missing, truncated or corrupted; save new verifications."""
-    before = repr(manifest["shards"])
-    bad = [i for i in manifest["shards"] if not (i.isdigit() and int(i) < _n_shards(manifest)
-                                                  and _shard_ok(directory, manifest, int(i)))]
-    for i in bad:
-        log.warning("target store %s: shard %s is missing, truncated or corrupted; it is not read", directory, i)
-        del manifest["shards"][i]
-    if repr(manifest["shards"]) != before:
-        atomic_write_json(directory / MANIFEST, manifest)
-    return bad
-
-
-def _load(directory: Path, manifest: dict[str, Any]) -> TargetStore:
+def _load(directory: Path, manifest: StoreManifest) -> TargetStore:
     """Map every shard's embeddings and read its views and validity (the manifest was checked)."""
-    v, d = manifest["n_views"], manifest["embed_dim"]
+    v, d = manifest.n_views, manifest.embed_dim
     shards, metas = [], []
-    for i in range(_n_shards(manifest)):
-        files = manifest["shards"][str(i)]["files"]
-        start, stop = _shard_rows(manifest, i)
-        feats = np.memmap(directory / files["feats"]["name"], dtype=_DTYPE, mode="r", shape=(stop - start, v, d))
+    for i in range(manifest.n_shards):
+        entry = manifest.shards[i]
+        start, stop = manifest.rows(i)
+        feats = np.memmap(directory / entry.feats.name, dtype=DTYPE, mode="r", shape=(stop - start, v, d))
         shards.append(Shard(start, stop, feats))
-        metas.append(load((directory / files["meta"]["name"]).read_bytes()))
+        metas.append(load((directory / entry.meta.name).read_bytes()))
     empty = {"boxes": torch.zeros(0, v, 4), "flips": torch.zeros(0, v, dtype=torch.bool),
              "valid": torch.zeros(0, dtype=torch.bool)}
     boxes, flips, valid = (torch.cat([empty[name]] + [m[name] for m in metas]) for name in empty)
-    return TargetStore(directory, manifest["key"], manifest["shard_size"], d, shards, boxes, flips, valid)
+    return TargetStore(directory, manifest.key, manifest.shard_size, d, shards, boxes, flips, valid)
 
 
 # ---------------------------------------------------------------------------------------------- extraction
@@ -327,22 +240,16 @@ def _all_views(n_images: int, recipe: ViewRecipe) -> Views:
     return Views(boxes, flips)
 
 
-def _write_file(directory: Path, name: str, data: bytes) -> dict[str, Any]:
-    """Write atomically (a killed write leaves only ``.<name>.tmp``) and describe it for the manifest."""
-    path, tmp = directory / name, directory / f".{name}.tmp"
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return {"name": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "verified": None}
+def _write_file(directory: Path, name: str, data: bytes) -> FileEntry:
+    """Write atomically (a killed write leaves only a hidden temp file) and describe it for the manifest."""
+    atomic_write_bytes(directory / name, data)
+    return FileEntry(name, len(data), hashlib.sha256(data).hexdigest())
 
 
 class _ShardWriter:
     """Fills the missing shards in order and writes each (files, then manifest) once the stream passes it."""
 
-    def __init__(self, directory: Path, manifest: dict[str, Any], views: Views, todo: list[int]) -> None:
+    def __init__(self, directory: Path, manifest: StoreManifest, views: Views, todo: list[int]) -> None:
         self.directory, self.manifest, self.views, self.todo = directory, manifest, views, list(todo)
         self._feats: np.ndarray | None = None
         self._valid: np.ndarray | None = None
@@ -352,7 +259,7 @@ class _ShardWriter:
 
         A shard whose last image is bad is written when the stream reaches the next shard, or at the end.
         """
-        while self.todo[0] < int(index[0]) // self.manifest["shard_size"]:
+        while self.todo[0] < int(index[0]) // self.manifest.shard_size:
             self._flush()
         start, stop = self._buffers()
         rows = index.numpy() - start
@@ -366,10 +273,10 @@ class _ShardWriter:
             self._flush()
 
     def _buffers(self) -> tuple[int, int]:
-        start, stop = _shard_rows(self.manifest, self.todo[0])
+        start, stop = self.manifest.rows(self.todo[0])
         if self._feats is None:
             m = self.manifest
-            self._feats = np.zeros((stop - start, m["n_views"], m["embed_dim"]), dtype=_DTYPE)
+            self._feats = np.zeros((stop - start, m.n_views, m.embed_dim), dtype=DTYPE)
             self._valid = np.zeros(stop - start, dtype=bool)
         return start, stop
 
@@ -378,10 +285,10 @@ class _ShardWriter:
         i = self.todo.pop(0)
         meta = {"boxes": self.views.boxes[start:stop].contiguous(), "flips": self.views.flips[start:stop].contiguous(),
                 "valid": torch.from_numpy(self._valid)}
-        files = {"feats": _write_file(self.directory, f"{i:05d}.feats.f16", self._feats.tobytes()),
-                 "meta": _write_file(self.directory, f"{i:05d}.meta.safetensors", save(meta))}
-        self.manifest["shards"][str(i)] = {"rows": [start, stop], "files": files}
-        atomic_write_json(self.directory / MANIFEST, self.manifest)
+        feats = _write_file(self.directory, f"{i:05d}.feats.f16", self._feats.tobytes())
+        metas = _write_file(self.directory, f"{i:05d}.meta.safetensors", save(meta))
+        self.manifest.shards[i] = ShardEntry([start, stop], feats, metas)
+        self.manifest.save(self.directory)
         self._feats = self._valid = None
 
 
@@ -394,21 +301,21 @@ def _encode(teacher: Teacher, images: torch.Tensor, views: Views) -> torch.Tenso
     return teacher.encode_images(pixels).view(v, m, -1).transpose(0, 1).cpu().half()
 
 
-def _plan(manifest: dict[str, Any], todo: list[int], per_batch: int) -> list[torch.Tensor]:
+def _plan(manifest: StoreManifest, todo: list[int], per_batch: int) -> list[torch.Tensor]:
     """Decode batches over the missing shards, none spanning two shards."""
-    return [rows for i in todo for rows in torch.arange(*_shard_rows(manifest, i)).split(per_batch)]
+    return [rows for i in todo for rows in torch.arange(*manifest.rows(i)).split(per_batch)]
 
 
 def _extract(teacher: Teacher, source: ImageSource, recipe: ViewRecipe, directory: Path,
-             manifest: dict[str, Any], todo: list[int], progress: bool) -> None:
+             manifest: StoreManifest, todo: list[int], progress: bool) -> None:
     """Decode each image once, render all its views, and fill the missing shards in one loader stream."""
-    views = _all_views(manifest["n_images"], recipe)
-    per_batch = max(1, teacher.batch_size // manifest["n_views"])
+    views = _all_views(manifest.n_images, recipe)
+    per_batch = max(1, teacher.batch_size // manifest.n_views)
     writer = _ShardWriter(directory, manifest, views, todo)
-    done = manifest["n_images"] - sum(b - a for a, b in (_shard_rows(manifest, i) for i in todo))
+    done = manifest.n_images - sum(b - a for a, b in map(manifest.rows, todo))
     encoded, start = 0, time.perf_counter()
     with make_progress(progress) as bar:
-        task = bar.add_task("teacher targets", total=manifest["n_images"], completed=done, info="")
+        task = bar.add_task("teacher targets", total=manifest.n_images, completed=done, info="")
         for batch in source.iter_batches(_plan(manifest, todo, per_batch)):
             writer.add(batch.index, _encode(teacher, batch.images, Views(views.boxes[batch.index],
                                                                         views.flips[batch.index])))
@@ -416,7 +323,7 @@ def _extract(teacher: Teacher, source: ImageSource, recipe: ViewRecipe, director
             rate = encoded / max(time.perf_counter() - start, 1e-9)
             bar.update(task, advance=len(batch.index), info=f"{rate:.0f} img/s")
         writer.finish()
-        bar.update(task, completed=manifest["n_images"])
+        bar.update(task, completed=manifest.n_images)
 
 
 # ---------------------------------------------------------------------------------------------- opening
@@ -429,37 +336,36 @@ def load_store(cache_dir: Path, key: dict[str, str]) -> TargetStore:
     store has this key but another one is cached (the nearest is named).
     """
     directory = store_path(cache_dir, key)
-    manifest = _read_manifest(directory)
+    manifest = StoreManifest.read(directory)
     if manifest is None:
         near = _nearest(cache_dir, key)
         if near is not None:
             raise StoreMismatchError(*near, key)
         raise StoreError(f"no target store under {Path(cache_dir) / 'targets'}")
-    if manifest["key"] != key:
-        raise StoreMismatchError(directory, manifest["key"], key)
-    bad = _drop_bad_shards(directory, manifest)
-    missing = _missing(manifest)
+    if manifest.key != key:
+        raise StoreMismatchError(directory, manifest.key, key)
+    bad = drop_bad_shards(directory, manifest)
+    missing = manifest.missing()
     if missing:
         raise StoreError(f"target store {directory} lacks shards {missing} (corrupted: {bad}); "
                          "open_store extracts them")
     return _load(directory, manifest)
 
 
-def _usable_manifest(directory: Path, key: dict[str, str], shape: tuple[int, int, int]) -> dict[str, Any] | None:
+def _usable_manifest(directory: Path, key: dict[str, str], shape: tuple[int, int, int]) -> StoreManifest | None:
     """The directory's manifest when it is readable and for this key and shape (else log why not)."""
     try:
-        manifest = _read_manifest(directory)
+        manifest = StoreManifest.read(directory)
     except StoreError as err:
         log.warning("%s; rebuilding", err)
         return None
     if manifest is None:
         return None
-    if manifest["key"] != key:
-        log.warning("target store %s was made for another %s; rebuilding", directory, _describe(manifest["key"], key))
+    if manifest.key != key:
+        log.warning("target store %s was made for another %s; rebuilding", directory, _describe(manifest.key, key))
         return None
-    if (manifest["n_images"], manifest["n_views"], manifest["embed_dim"]) != shape:
-        log.warning("target store %s has shape %s, not %s; rebuilding", directory,
-                    (manifest["n_images"], manifest["n_views"], manifest["embed_dim"]), shape)
+    if manifest.shape != shape:
+        log.warning("target store %s has shape %s, not %s; rebuilding", directory, manifest.shape, shape)
         return None
     return manifest
 
@@ -485,11 +391,11 @@ def open_store(
         if near is not None:
             log.info("extracting a new target store; the nearest cached one (%s) differs in %s",
                      near[0], ", ".join(_differing(near[1], key)))
-        manifest = _new_manifest(key, *shape, shard_size)
+        manifest = StoreManifest(key, *shape, shard_size)
         directory.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(directory / MANIFEST, manifest)
-    _drop_bad_shards(directory, manifest)
-    todo = _missing(manifest)
+        manifest.save(directory)
+    drop_bad_shards(directory, manifest)
+    todo = manifest.missing()
     if todo:
         _extract(teacher, source, recipe, directory, manifest, todo, progress)
     return _load(directory, manifest)
