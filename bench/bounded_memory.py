@@ -27,7 +27,8 @@ from vlmdistill.config import load_config
 from vlmdistill.data.prepare import prepare
 from vlmdistill.targets.store import ViewRecipe, open_store, store_footprint
 from vlmdistill.teachers.base import Teacher
-from vlmdistill.train import Distiller, build_workspace
+from vlmdistill.train import distill
+from vlmdistill.workspace import build_workspace
 
 CGROUP = Path("/sys/fs/cgroup/memory")
 
@@ -93,7 +94,7 @@ def train_inside(work: Path, args: argparse.Namespace) -> None:
     cfg = load_config(None, config(work, args))
     ws = build_workspace(cfg, teacher=RandomProjectionTeacher(args.dim, 32))
     start = time.perf_counter()
-    res = Distiller(cfg, ws).fit()
+    res = distill(cfg, ws)
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
     print(json.dumps({"steps": res["train"]["steps"], "seconds": time.perf_counter() - start,

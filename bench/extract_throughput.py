@@ -21,7 +21,7 @@ from _common import TEACHER_LABELS, bench_config, bench_dataset, parse_args, pri
 
 from vlmdistill.targets.store import TargetStore, ViewRecipe, open_store, store_footprint
 from vlmdistill.teachers import Teacher
-from vlmdistill.train import build_workspace
+from vlmdistill.workspace import build_workspace
 
 GOAL_RATIO = 0.8
 

@@ -7,8 +7,8 @@ Same student (same initial weights), data, batch size, loss and torch threads in
 (b) teacher online: ``train.target_views=0``, the teacher encodes the student's view every step;
 (c) ceiling: the same number of forward + backward + optimiser steps on one batch already in memory
     (no loading, no view rendering, no target lookup, no teacher).
-(a) and (b) are ``Distiller.step`` over whole data passes as ``Distiller.fit`` runs them (fresh loader
-workers per pass). The arms run in interleaved rounds so machine load drifts hit all of them alike; the
+(a) and (b) are ``DistillTask.prepare`` + ``loop.train_step`` over whole data passes as ``loop.fit`` runs
+them. The arms run in interleaved rounds so machine load drifts hit all of them alike; the
 one-time store extraction is timed apart. Goals: a/b >= 3x, overhead 1 - a/c <= 15 % of step time.
 """
 
@@ -25,9 +25,12 @@ from _common import TEACHER_LABELS, bench_config, bench_dataset, parse_args, pri
 
 from vlmdistill.config import ExperimentConfig
 from vlmdistill.data.views import render
+from vlmdistill.loop import LoopShape, build_optimizer, pass_batches, train_step
 from vlmdistill.students import count_parameters
+from vlmdistill.targets.lookup import open_targets
+from vlmdistill.task import DistillTask, StepBatch
 from vlmdistill.teachers import Teacher
-from vlmdistill.train import Distiller, Workspace, build_optimizer, build_workspace
+from vlmdistill.workspace import Workspace, build_workspace, class_text_embeddings, default_sets
 
 GOAL_RATIO = 3.0
 GOAL_OVERHEAD = 0.15
@@ -51,61 +54,50 @@ QUICK = Sizes(per_class=12, image_px=64, student="resnet10t", student_px=32, bat
               teacher_batches=2)
 
 
-@dataclass
-class Resident:
-    """One training batch rendered and looked up once, kept on the device for the ceiling arm."""
-
-    pixels: torch.Tensor
-    targets: torch.Tensor
-
-
-def make_distiller(cfg: ExperimentConfig, ws: Workspace) -> tuple[Distiller, torch.optim.Optimizer]:
-    """A Distiller whose student starts from the same weights in every arm, with its optimiser."""
+def make_task(cfg: ExperimentConfig, ws: Workspace) -> tuple[DistillTask, torch.optim.Optimizer]:
+    """A task whose student starts from the same weights in every arm, with its optimiser (no targets yet)."""
     torch.manual_seed(cfg.seed)
-    d = Distiller(cfg, ws)
-    optimizer, _, _ = build_optimizer(cfg, d.trainable(), len(d.pass_batches(0, 0)))
-    d.student.train()
-    return d, optimizer
+    task = DistillTask(cfg, ws, default_sets(ws, class_text_embeddings(cfg, ws)[0])[0])
+    optimizer, _, _ = build_optimizer(cfg, task.trainable(), LoopShape.of(cfg, task.train_set).steps_per_epoch)
+    task.student.train()
+    return task, optimizer
 
 
-def data_pass(d: Distiller, optimizer: torch.optim.Optimizer, epoch: int, n_batches: int | None = None
+def data_pass(task: DistillTask, optimizer: torch.optim.Optimizer, epoch: int, n_batches: int | None = None
               ) -> tuple[int, float]:
-    """``Distiller.step`` over one pass of the training data, as ``fit`` runs it: (images, seconds)."""
-    batches = d.pass_batches(epoch, 0)[:n_batches]
+    """``prepare`` + ``train_step`` over one pass of the training data, as ``fit`` runs it: (images, seconds)."""
+    batches = pass_batches(task.cfg, task.train_set, epoch, 0)[:n_batches]
     n = 0
-    sync(d.device)
+    sync(task.device)
     start = time.perf_counter()
-    for i, batch in enumerate(d.train_set.source.iter_batches(batches)):
-        d.step(batch.images, batch.index, optimizer, torch.Generator().manual_seed(epoch * 1_000_003 + i))
+    for i, batch in enumerate(task.train_set.source.iter_batches(batches)):
+        g = torch.Generator().manual_seed(epoch * 1_000_003 + i)
+        train_step(task, optimizer, task.prepare(batch, g))
         n += len(batch.index)
-    sync(d.device)
+    sync(task.device)
     return n, time.perf_counter() - start
 
 
-def resident_batch(store_arm: Distiller, batch_size: int) -> Resident:
+def resident_batch(store_arm: DistillTask, batch_size: int) -> StepBatch:
     """The first training images under their first stored view, rendered for the student once."""
-    assert store_arm.store is not None
+    store = store_arm.targets.store
+    assert store is not None
     index = torch.arange(batch_size)
     [batch] = list(store_arm.train_set.source.batches(index, batch_size))
     view_ids = torch.ones_like(index)
-    pixels = render(batch.images, store_arm.store.views(index, view_ids), store_arm.cfg.student.image_size)
-    dev = store_arm.device
-    return Resident(pixels.to(dev), store_arm.store.targets(index, view_ids).to(dev))
+    pixels = render(batch.images, store.views(index, view_ids), store_arm.cfg.student.image_size)
+    return StepBatch(pixels.to(store_arm.device), index, store.targets(index, view_ids).to(store_arm.device))
 
 
-def ceiling_step(d: Distiller, optimizer: torch.optim.Optimizer, x: Resident, n: int) -> None:
-    """``Distiller.update`` (student, same loss terms, backward, optimiser) on resident tensors: no data side."""
-    d.update(x.pixels[:n], torch.arange(n), x.targets[:n], optimizer)
-
-
-def ceiling_pass(d: Distiller, optimizer: torch.optim.Optimizer, x: Resident, epoch: int) -> tuple[int, float]:
-    """As many steps, of the same sizes, as one data pass, on the resident batch: (images, seconds)."""
-    sizes = [len(b) for b in d.pass_batches(epoch, 0)]
-    sync(d.device)
+def ceiling_pass(task: DistillTask, optimizer: torch.optim.Optimizer, x: StepBatch, epoch: int
+                 ) -> tuple[int, float]:
+    """As many ``train_step``s, of the same sizes, as one data pass, on the resident batch: no data side."""
+    sizes = [len(b) for b in pass_batches(task.cfg, task.train_set, epoch, 0)]
+    sync(task.device)
     start = time.perf_counter()
     for n in sizes:
-        ceiling_step(d, optimizer, x, n)
-    sync(d.device)
+        train_step(task, optimizer, StepBatch(x.pixels[:n], x.index[:n], x.targets[:n]))
+    sync(task.device)
     return sum(sizes), time.perf_counter() - start
 
 
@@ -136,14 +128,14 @@ class Arm:
 def build_arms(s: Sizes, cfg_store: ExperimentConfig, cfg_online: ExperimentConfig, ws: Workspace
                ) -> tuple[dict[str, Arm], dict[str, Any], float]:
     """The arms over one workspace, facts about them, and the seconds the store extraction took."""
-    store_arm, store_opt = make_distiller(cfg_store, ws)
+    store_arm, store_opt = make_task(cfg_store, ws)
     start = time.perf_counter()
-    store_arm.prepare_targets()
+    store_arm.targets = open_targets(cfg_store, ws.teacher, ws.train, needed=True)
     extraction_s = time.perf_counter() - start
-    online_arm, online_opt = make_distiller(cfg_online, ws)
-    online_arm.prepare_targets()
-    assert store_arm.store is not None and online_arm.online_teacher
-    ceiling_arm, ceiling_opt = make_distiller(cfg_store, ws)
+    online_arm, online_opt = make_task(cfg_online, ws)
+    online_arm.targets = open_targets(cfg_online, ws.teacher, ws.train, needed=True)
+    assert store_arm.targets.kind == "store" and online_arm.targets.kind == "online"
+    ceiling_arm, ceiling_opt = make_task(cfg_store, ws)
     resident = resident_batch(store_arm, s.batch)
     arms = {
         "store": Arm(lambda e: data_pass(store_arm, store_opt, e), lambda: data_pass(store_arm, store_opt, 0, 2)),
@@ -153,7 +145,7 @@ def build_arms(s: Sizes, cfg_store: ExperimentConfig, cfg_online: ExperimentConf
         "teacher": Arm(lambda _: teacher_forward(ws.teacher, s.batch, s.teacher_batches),
                        lambda: teacher_forward(ws.teacher, s.batch, 1)),
     }
-    facts = {"train_images": len(ws.train), "store_views": store_arm.store.n_views,
+    facts = {"train_images": len(ws.train), "store_views": store_arm.targets.store.n_views,
              "teacher_params": count_parameters(ws.teacher.model),
              "student_params": count_parameters(store_arm.student), "num_workers": cfg_store.data.num_workers}
     return arms, facts, extraction_s

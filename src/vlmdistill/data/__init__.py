@@ -1,1 +1,1 @@
-"""Datasets, splits, image views and the demo world."""
+"""Datasets, splits, image sources and views, and per-image captions."""

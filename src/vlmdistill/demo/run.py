@@ -7,6 +7,7 @@ analysis metrics, a report with plots, and a check of the paper's qualitative fi
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from dataclasses import dataclass
@@ -18,7 +19,6 @@ import torch
 import yaml
 
 from vlmdistill.config import load_config, validate_config
-from vlmdistill.data.demo_world import ensure_world
 from vlmdistill.data.prepare import prepare
 from vlmdistill.demo.report import (
     plot_embeddings,
@@ -27,6 +27,7 @@ from vlmdistill.demo.report import (
     write_report,
 )
 from vlmdistill.demo.teacher import TeacherRecipe, train_teacher
+from vlmdistill.demo.world import WorldParams, ensure_world
 from vlmdistill.evaluate import evaluate_teacher, restore_task, student_features, teacher_features
 from vlmdistill.fewshot import run_fewshot
 from vlmdistill.io import atomic_write_json
@@ -59,23 +60,20 @@ ROWS = (
 
 @dataclass(frozen=True)
 class DemoScale:
-    """World size and training length; ``quick`` is what the tests run."""
+    """World and training lengths; ``quick`` is what the tests run."""
 
-    n_classes: int
-    images_per_class: int
-    corpus_per_class: int
-    image_size: int
+    world: WorldParams
     teacher_epochs: int
     student_epochs: int
     fewshot_epochs: int
 
     @classmethod
     def full(cls) -> DemoScale:
-        return cls(120, 30, 40, 32, 30, 30, 10)
+        return cls(WorldParams.full(), 30, 30, 10)
 
     @classmethod
     def quick(cls) -> DemoScale:
-        return cls(32, 12, 12, 32, 12, 4, 2)
+        return cls(WorldParams.quick(), 12, 4, 2)
 
 
 def base_config(out: Path, cache: Path, scale: DemoScale) -> dict[str, Any]:
@@ -90,18 +88,17 @@ def base_config(out: Path, cache: Path, scale: DemoScale) -> dict[str, Any]:
 
 def setup(cache: Path, scale: DemoScale, progress: bool) -> tuple[Path, Path, Path]:
     """World, prepared dataset and trained teacher, each reused when already made with these parameters."""
-    tag = f"c{scale.n_classes}-i{scale.images_per_class}-k{scale.corpus_per_class}-s{scale.image_size}"
+    tag = scale.world.tag
     world = cache / "demo" / f"world-{tag}"
     t0 = time.perf_counter()
-    ensure_world(world, seed=0, n_classes=scale.n_classes, images_per_class=scale.images_per_class,
-                 corpus_per_class=scale.corpus_per_class, image_size=scale.image_size)
+    ensure_world(world, scale.world)
     data = cache / "demo" / f"data-{tag}"
     if not (data / "prepare.json").is_file():
         prepare(data, lists=world, images=world / "images")
     console.print(f"world {world} ready ({time.perf_counter() - t0:.1f}s)")
     t0 = time.perf_counter()
     cfg_path, ckpt = train_teacher(world, cache / "demo" / f"teacher-{tag}-e{scale.teacher_epochs}",
-                                   scale.image_size, TeacherRecipe(epochs=scale.teacher_epochs), progress)
+                                   scale.world.image_size, TeacherRecipe(epochs=scale.teacher_epochs), progress)
     console.print(f"teacher {ckpt} ready ({time.perf_counter() - t0:.1f}s)")
     return data, cfg_path, ckpt
 
@@ -200,7 +197,7 @@ def summarise(per_seed: dict[str, list[dict[str, Any]]], labels: dict[str, str],
                      "runs": [r.get("run") for r in runs], "params": {
                          "teacher": runs[0]["teacher"]["params"],
                          "student": (runs[0].get("student") or {}).get("params")}}
-    return {"scale": scale.__dict__, "seeds": seeds, "seconds": round(seconds, 1), "rows": rows,
+    return {"scale": dataclasses.asdict(scale), "seeds": seeds, "seconds": round(seconds, 1), "rows": rows,
             "machine": _machine()}
 
 
