@@ -154,8 +154,10 @@ def fewshot(
     for name in ("finetune", "retrieval"):
         if name in out:
             ood = out[name]["ood"]
+            n = out[name].get("averaged_over", 1)
+            how = f"mean of the last {n} evaluations" if n > 1 else "one evaluation"
             console.print(f"{out['shots']}-shot {name}: OOD mean per-class {ood['mean_per_class_recall']:.2f}% "
-                          f"(acc1 {ood['acc1']:.2f}%, {ood['n_images']} images)")
+                          f"(acc1 {ood['acc1']:.2f}%, {ood['n_images']} images; {how})")
     if "continual" in out:
         c = out["continual"]
         console.print(f"continual: before {c['before']}, after adapting on half 1: {c['after']}")

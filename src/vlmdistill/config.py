@@ -128,6 +128,7 @@ class LossConfig(_Strict):
     kd: KdTerm = Field(default_factory=KdTerm)
     cap: CapTerm = Field(default_factory=CapTerm)
     closed_set: bool = False
+    closed_set_id_logits: Literal["id", "all"] = "id"
 
 
 class OptimConfig(_Strict):
@@ -159,7 +160,7 @@ class TrainConfig(_Strict):
     max_steps: Count | None = None
     progress: bool = True
     analysis: bool = True
-    analysis_max_images: Count = 2000
+    analysis_max_images: Count | None = 2000
     teacher_view: Literal["same", "whole"] = "same"
     target_views: NonNegativeInt = 10
 
@@ -178,15 +179,18 @@ class FewShotConfig(_Strict):
     keys: Literal["student", "teacher"] = "student"
     text_scale: Positive = 100.0
     key_views: Count = 1
+    key_view_kind: Literal["crop", "randaugment"] = "crop"
+    key_merge: Literal["mean", "separate"] = "mean"
     continual: bool = False
 
 
 PAPER_MODE: dict[str, dict[str, Any]] = {
     "data": {"resize": "squash", "augment_per": "batch", "base_size": 256, "teacher_eval_view": "whole"},
     "optim": {"onecycle_per": "epoch"},
-    "train": {"teacher_view": "whole", "average_last": 5, "amp": False},
-    "loss": {"temperature": 0.07},
-    "fewshot": {"selection": "first", "keys": "teacher", "text_scale": 1.0, "key_views": 10},
+    "train": {"teacher_view": "whole", "average_last": 5, "amp": False, "analysis_max_images": None},
+    "loss": {"temperature": 0.07, "closed_set_id_logits": "all"},
+    "fewshot": {"selection": "first", "keys": "teacher", "text_scale": 1.0, "key_views": 10,
+                "key_view_kind": "randaugment", "key_merge": "separate"},
 }
 
 

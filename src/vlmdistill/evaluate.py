@@ -73,7 +73,8 @@ def score_student(student: torch.nn.Module, cfg: ExperimentConfig, eval_set: Eva
     ood_f, ood_i = student_features(student, cfg, eval_set.ood_source)
     id_y, ood_y = eval_set.id_labels[id_i], eval_set.ood_labels[ood_i]
     if cfg.loss.closed_set:
-        return closed_set_metrics(id_f, id_y, ood_f, ood_y, n_id, ood_trained)
+        return closed_set_metrics(id_f, id_y, ood_f, ood_y, n_id, ood_trained,
+                                  id_over_all=cfg.loss.closed_set_id_logits == "all")
     return zero_shot_metrics(id_f, id_y, ood_f, ood_y, *class_embeddings)
 
 
@@ -138,14 +139,17 @@ def restore_task(cfg: ExperimentConfig, ws: Workspace, run_dir: Path, task: Dist
     return task
 
 
-def analyse(cfg: ExperimentConfig, ws: Workspace, task: DistillTask, max_images: int = 2000) -> dict[str, Any]:
-    """The paper's §6 metrics on (a seeded subset of) the training set and on the OOD set."""
-    out: dict[str, Any] = {}
+def analyse(cfg: ExperimentConfig, ws: Workspace, task: DistillTask) -> dict[str, Any]:
+    """The paper's §6 metrics on the training set and on the OOD set: all images (as the paper's Tables
+    14-16), or a seeded subset of ``train.analysis_max_images`` per set, recorded under ``images``."""
+    out: dict[str, Any] = {"images": {}}
     g = torch.Generator().manual_seed(cfg.seed)
     w_id, w_ood = task.class_embeddings()
+    limit = cfg.train.analysis_max_images
     for name, source, w in (("train", ws.train, w_id), ("ood", ws.ood_val, w_ood)):
-        if len(source) > max_images:
-            keep = torch.randperm(len(source), generator=g)[:max_images].sort().values
+        total = len(source)
+        if limit is not None and total > limit:
+            keep = torch.randperm(total, generator=g)[:limit].sort().values
             source = ImageSource([source.records[i] for i in keep.tolist()], source.base_size, source.resize,
                                  source.num_workers, source.skip_bad)
         s, s_i = student_features(task.student, cfg, source)
@@ -153,6 +157,7 @@ def analyse(cfg: ExperimentConfig, ws: Workspace, task: DistillTask, max_images:
         common = torch.isin(s_i, t_i)
         s, t = s[common], t[torch.isin(t_i, s_i)]
         out[name] = analysis_metrics(s, t, w, neigh_ks=tuple(k for k in (3, 5, 10) if k < len(s)))
+        out["images"][name] = {"used": len(s), "of": total, "subsampled": len(source) < total}
     return out
 
 
@@ -176,7 +181,7 @@ def evaluate_run(cfg: ExperimentConfig, ws: Workspace, run_dir: Path, analysis: 
     student = {"id": task.student.spec.id, "params": count_parameters(task.student)}
     results = RunResults.start("eval", cfg, str(run_dir), str(run_dir), ws.teacher, student, metrics)
     if analysis and not task.closed_set:
-        results.analysis = analyse(cfg, ws, task, cfg.train.analysis_max_images)
+        results.analysis = analyse(cfg, ws, task)
     results.data = skipped_images(ws)
     atomic_write_json(eval_results_path(cfg, run_dir), results.to_dict())
     return results.to_dict()

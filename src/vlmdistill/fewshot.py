@@ -20,14 +20,22 @@ import torch.nn.functional as F
 from vlmdistill.config import ExperimentConfig
 from vlmdistill.data.dataset import Split
 from vlmdistill.data.source import ImageSource
-from vlmdistill.data.views import render, sample_views
+from vlmdistill.data.views import randaugment, render, sample_views
 from vlmdistill.errors import RunError
 from vlmdistill.evaluate import restore_task, student_features, teacher_features
 from vlmdistill.io import atomic_write_json, read_json
 from vlmdistill.metrics import classification_metrics, mean_per_class_recall
 from vlmdistill.task import DistillTask
 from vlmdistill.train import train_task
-from vlmdistill.workspace import EvalSet, TrainSet, Workspace, class_text_embeddings, default_sets
+from vlmdistill.workspace import (
+    EvalSet,
+    TrainSet,
+    Workspace,
+    class_text_embeddings,
+    default_sets,
+    student_eval_view,
+    teacher_eval_view,
+)
 
 
 def select_support(split: Split, shots: int, seed: int, rule: str) -> list[int]:
@@ -119,42 +127,65 @@ def run_continual(cfg: ExperimentConfig, ws: Workspace, from_run: Path) -> dict[
     }
 
 
+def tip_adapter_logits(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, key_labels: torch.Tensor,
+                       alpha: float, beta: float, text_scale: float) -> torch.Tensor:
+    """text_scale * cos(q, w) + alpha * sum over keys of exp(-beta (1 - cos(q, key))) into the key's class.
+
+    Inputs are unit vectors. With one key per support image and averaged views this is Tip-Adapter; with
+    every view a separate key (paper mode) the cache term sums over all 10 K views, as the official code.
+    """
+    values = F.one_hot(key_labels, len(w)).float()
+    return text_scale * q @ w.T + alpha * torch.exp(-beta * (1 - q @ keys.T)) @ values
+
+
+def merge_key_views(views: torch.Tensor, labels: torch.Tensor, merge: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """[V, K, D] unit view embeddings of K support images -> keys and their labels: one averaged key per
+    image (``mean``), or all V K views as keys with repeated labels (``separate``)."""
+    if merge == "mean":
+        return F.normalize(views.mean(0), dim=-1), labels
+    return views.reshape(-1, views.shape[-1]), labels.repeat(len(views))
+
+
 @torch.no_grad()
 def tip_adapter(cfg: ExperimentConfig, ws: Workspace, from_run: Path, support: list[int]) -> dict[str, Any]:
-    """Training-free retrieval: logits = text_scale * cos(q, w) + alpha * exp(-beta (1 - cos(q, keys))) @ onehot."""
+    """Training-free retrieval over a cache of the support images' embeddings (see ``tip_adapter_logits``)."""
     f = cfg.fewshot
     task = restore_task(cfg, ws, from_run)
     _, eval_set = fewshot_sets(cfg, ws, support)
-    shots = ws.ood_val.subset(support)
     labels = torch.tensor(ws.dataset.ood_val.labels, dtype=torch.long)[support]
-    keys = F.normalize(_keys(cfg, ws, task, shots), dim=-1)
-    values = F.one_hot(labels, len(ws.dataset.ood_space)).float()
+    keys, key_labels = merge_key_views(_key_views(cfg, ws, task, ws.ood_val.subset(support)), labels, f.key_merge)
     q, q_i = student_features(task.student, cfg, eval_set.ood_source)
-    q = F.normalize(q, dim=-1)
-    w_ood = task.class_embeddings()[1]
-    logits = f.text_scale * q @ w_ood.T + f.alpha * torch.exp(-f.beta * (1 - q @ keys.T)) @ values
-    return {"ood": classification_metrics(logits, eval_set.ood_labels[q_i]),
-            "keys": f.keys, "alpha": f.alpha, "beta": f.beta, "text_scale": f.text_scale, "key_views": f.key_views}
+    logits = tip_adapter_logits(F.normalize(q, dim=-1), task.class_embeddings()[1], keys, key_labels, f.alpha,
+                                f.beta, f.text_scale)
+    return {"ood": classification_metrics(logits, eval_set.ood_labels[q_i]), "keys": f.keys, "alpha": f.alpha,
+            "beta": f.beta, "text_scale": f.text_scale, "key_views": f.key_views, "key_merge": f.key_merge,
+            "key_view_kind": f.key_view_kind, "n_keys": len(keys)}
 
 
-def _keys(cfg: ExperimentConfig, ws: Workspace, task: DistillTask, shots: ImageSource) -> torch.Tensor:
-    """Support embeddings: the eval view plus ``key_views - 1`` random views, averaged per image."""
+def _key_views(cfg: ExperimentConfig, ws: Workspace, task: DistillTask, shots: ImageSource) -> torch.Tensor:
+    """[V, K, D] unit embeddings of each support image: its eval view, then ``key_views - 1`` random crops
+    or (paper) RandAugment(2, 9) versions of the whole eval view."""
     if cfg.fewshot.keys == "teacher":
         base, _ = teacher_features(cfg, ws, shots)
-        encode, size = ws.teacher.encode_images, ws.teacher.image_size
+        encode, size, view = ws.teacher.encode_images, ws.teacher.image_size, teacher_eval_view(cfg)
     else:
         base, _ = student_features(task.student, cfg, shots)
         task.student.eval()
         encode, size = (lambda x: task.student(x.to(task.device)).cpu()), cfg.student.image_size
+        view = student_eval_view(cfg)
     g = torch.Generator().manual_seed(cfg.seed)
-    total = F.normalize(base, dim=-1)
+    out = [F.normalize(base, dim=-1)]
     for _ in range(cfg.fewshot.key_views - 1):
         feats = []
         for batch in shots.batches(torch.arange(len(shots)), 256):
-            views = sample_views(len(batch.index), g, cfg.data.crop_scale, hflip=cfg.data.hflip)
-            feats.append(encode(render(batch.images, views, size)).float())
-        total = total + F.normalize(torch.cat(feats), dim=-1)
-    return total / cfg.fewshot.key_views
+            n = len(batch.index)
+            if cfg.fewshot.key_view_kind == "randaugment":
+                pixels = render(randaugment(batch.images, g, per_batch=False), view(n), size)
+            else:
+                pixels = render(batch.images, sample_views(n, g, cfg.data.crop_scale, hflip=cfg.data.hflip), size)
+            feats.append(encode(pixels).float())
+        out.append(F.normalize(torch.cat(feats), dim=-1))
+    return torch.stack(out)
 
 
 def run_fewshot(cfg: ExperimentConfig, ws: Workspace, from_run: Path) -> dict[str, Any]:
@@ -165,7 +196,8 @@ def run_fewshot(cfg: ExperimentConfig, ws: Workspace, from_run: Path) -> dict[st
     out: dict[str, Any] = {"shots": cfg.fewshot.shots, "selection": rule, "support_images": len(support)}
     if "finetune" in cfg.fewshot.methods:
         res, _, _ = finetune(cfg, ws, from_run, support)
-        out["finetune"] = {**res["metrics"], "run": str(from_run / f"fewshot-{cfg.fewshot.shots}shot-finetune")}
+        out["finetune"] = {**res["metrics_last_avg"], "averaged_over": res["averaged_over"], "last": res["metrics"],
+                           "run": str(from_run / f"fewshot-{cfg.fewshot.shots}shot-finetune")}
     if "retrieval" in cfg.fewshot.methods:
         out["retrieval"] = tip_adapter(cfg, ws, from_run, support)
     if cfg.fewshot.continual:

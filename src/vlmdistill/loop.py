@@ -48,7 +48,7 @@ def balanced_batches(
         out = []
         for b in range(n_batches):
             shots = support[torch.randperm(len(support), generator=g)[:half]]
-            rest = base[(torch.arange(half) + b * half) % max(len(base), 1)] if len(base) else base
+            rest = base[b * half : (b + 1) * half]  # the last batch holds the remainder: no wrap-around
             out.append(torch.cat([shots, rest]))
         return out
     per = max(batch_size - len(support), 1)
@@ -169,7 +169,8 @@ def _end_of_epoch(task: DistillTask, evaluate: Evaluate, state: LoopState, epoch
     if not per_step:
         scheduler.step()
     last = epochs_done == cfg.optim.epochs
-    if last or epochs_done % cfg.train.eval_every == 0:
+    in_tail = epochs_done > cfg.optim.epochs - cfg.train.average_last  # the epochs the headline averages
+    if last or in_tail or epochs_done % cfg.train.eval_every == 0:
         metrics = evaluate()
         state.history.append({"epoch": epochs_done, "step": state.step, **metrics})
         log.metrics(metrics, epochs_done)

@@ -63,9 +63,12 @@ def closed_set_metrics(
     ood_labels: torch.Tensor,
     n_id: int,
     ood_trained: bool,
+    id_over_all: bool = False,
 ) -> dict[str, dict[str, float] | None]:
-    """The closed-set baseline: ID over its ID slice; OOD (its OOD slice) only after few-shot, else NA."""
-    out: dict[str, dict[str, float] | None] = {"id": classification_metrics(id_logits[:, :n_id], id_labels)}
+    """The closed-set baseline: ID over its ID slice (or, as the official code, the argmax over all logits);
+    OOD (its OOD slice) only after few-shot, else NA."""
+    id_scores = id_logits if id_over_all else id_logits[:, :n_id]
+    out: dict[str, dict[str, float] | None] = {"id": classification_metrics(id_scores, id_labels)}
     out["ood"] = classification_metrics(ood_logits[:, n_id:], ood_labels) if ood_trained else None
     out["gzsl"] = None
     return out

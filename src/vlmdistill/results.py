@@ -20,12 +20,13 @@ class Metric:
 
 
 METRICS: dict[str, Metric] = {
-    "id": Metric("ID", ("metrics", "id", "mean_per_class_recall")),
-    "ood": Metric("OOD 0-shot", ("metrics", "ood", "mean_per_class_recall")),
-    "ood_acc1": Metric("OOD 0-shot acc1", ("metrics", "ood", "acc1")),
+    "id": Metric("ID", ("metrics_last_avg", "id", "mean_per_class_recall")),
+    "ood": Metric("OOD 0-shot", ("metrics_last_avg", "ood", "mean_per_class_recall")),
+    "ood_last": Metric("OOD 0-shot, last eval", ("metrics", "ood", "mean_per_class_recall")),
+    "ood_acc1": Metric("OOD 0-shot acc1", ("metrics_last_avg", "ood", "acc1")),
     "ood_5shot_finetune": Metric("OOD few-shot ft", ("fewshot", "finetune", "ood", "mean_per_class_recall")),
     "ood_5shot_retrieval": Metric("OOD few-shot Tip", ("fewshot", "retrieval", "ood", "mean_per_class_recall")),
-    "gzsl_h": Metric("GZSL H", ("metrics", "gzsl", "harmonic")),
+    "gzsl_h": Metric("GZSL H", ("metrics_last_avg", "gzsl", "harmonic")),
     "m_rel_train": Metric("M_rel train", ("analysis", "train", "m_rel")),
     "m_rel_ood": Metric("M_rel OOD", ("analysis", "ood", "m_rel")),
     "m_neigh5_ood": Metric("M_neigh@5 OOD", ("analysis", "ood", "m_neigh@5")),
@@ -33,7 +34,9 @@ METRICS: dict[str, Metric] = {
     "mse_ood": Metric("MSE OOD", ("analysis", "ood", "mse")),
     "angle_ood": Metric("angle OOD", ("analysis", "ood", "angle_deg")),
 }
-"""Every number a table may show, by key; a results file without it shows NA."""
+"""Every number a table may show, by key; a results file without it shows NA. The headline numbers are
+the paper's: the mean over the last ``train.average_last`` evaluations (``metrics_last_avg``, App. B);
+``metrics`` keeps the last evaluation beside it."""
 
 
 def metric_value(results: dict[str, Any], key: str) -> Any:
@@ -64,12 +67,13 @@ def teacher_summary(teacher: Teacher) -> dict[str, Any]:
 
 @dataclass
 class RunResults:
-    """What ``results.json`` (and ``eval.json``, ``teacher/results.json``) hold; None where not applicable."""
+    """What ``results.json`` (and ``eval.json``, ``teacher/results.json``) hold; None where not applicable.
+
+    A single evaluation (``eval``, ``teacher``) is its own average: ``metrics_last_avg`` equals ``metrics``."""
 
     kind: Kind
     run: str
     run_dir: str
-    mode: str
     teacher: dict[str, Any]
     student: dict[str, Any] | None
     metrics: dict[str, Any]
@@ -77,6 +81,7 @@ class RunResults:
     data: dict[str, Any] = field(default_factory=lambda: {"skipped_images": 0, "skipped": []})
     complete: bool = True
     metrics_last_avg: dict[str, Any] = field(default_factory=dict)
+    averaged_over: int = 1
     history: list[dict[str, Any]] = field(default_factory=list)
     train: dict[str, Any] | None = None
     analysis: dict[str, Any] | None = None
@@ -85,8 +90,8 @@ class RunResults:
     @classmethod
     def start(cls, kind: Kind, cfg: ExperimentConfig, run: str, run_dir: str, teacher: Teacher,
               student: dict[str, Any] | None, metrics: dict[str, Any]) -> RunResults:
-        return cls(kind=kind, run=run, run_dir=run_dir, mode=cfg.mode, teacher=teacher_summary(teacher),
-                   student=student, metrics=metrics, config=config_to_dict(cfg))
+        return cls(kind=kind, run=run, run_dir=run_dir, teacher=teacher_summary(teacher), student=student,
+                   metrics=metrics, metrics_last_avg=metrics, config=config_to_dict(cfg))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -44,6 +44,7 @@ def _results(task: DistillTask, ws: Workspace, eval_set: EvalSet, fit_result: Fi
     results.history = history
     tail = history[-cfg.train.average_last :]
     results.metrics_last_avg = average_metrics(tail) if tail else {}
+    results.averaged_over = len(tail)
     results.data = skipped_images(ws, task.train_set.source, eval_set.id_source, eval_set.ood_source)
     results.train = {"steps": fit_result.state.step, "seconds": round(fit_result.seconds, 2),
                      "targets": task.targets.kind}
@@ -59,6 +60,6 @@ def distill(cfg: ExperimentConfig, ws: Workspace | None = None, resume: bool = F
     results = train_task(task, ws, eval_set, resume=resume)
     atomic_write_json(cfg.run_dir / "results.json", results.to_dict())
     if cfg.train.analysis and not task.closed_set:
-        results.analysis = analyse(cfg, ws, task, cfg.train.analysis_max_images)
+        results.analysis = analyse(cfg, ws, task)
         atomic_write_json(cfg.run_dir / "results.json", results.to_dict())
     return results.to_dict()
