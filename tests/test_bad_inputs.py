@@ -250,3 +250,19 @@ def test_symlink_out_of_the_root_is_refused_unless_prepare_made_it(tmp_path: Pat
     link.symlink_to(tmp_path / "outside" / "x.png")
     with pytest.raises(DatasetError, match=f"{link.name}.*outside"):
         open_dataset(prepared)
+
+
+# ============================================================================== io helpers for other writers
+def test_io_writers_for_images_bytes_and_line_logs(tmp_path: Path) -> None:
+    from vlmdistill.io import append_line, atomic_save_image, atomic_write_bytes, end_last_line
+
+    atomic_save_image(tmp_path / "a" / "x.png", Image.new("RGB", (4, 4), (1, 2, 3)))
+    assert Image.open(tmp_path / "a" / "x.png").format == "PNG"
+    atomic_write_bytes(tmp_path / "b.bin", b"\x00\xff")
+    assert (tmp_path / "b.bin").read_bytes() == b"\x00\xff"
+    log = tmp_path / "log.jsonl"
+    log.write_bytes(b'{"a": 1}\n{"b": ')
+    end_last_line(log, lambda line: line.endswith(b"}"))
+    append_line(log, '{"c": 3}')
+    assert log.read_bytes() == b'{"a": 1}\n{"c": 3}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b.bin", "log.jsonl"]
