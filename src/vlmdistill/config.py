@@ -68,6 +68,7 @@ class DataConfig(_Strict):
     randaugment: bool = False
     eval_crop: Fraction = 0.875
     teacher_eval_view: Literal["center", "whole"] = "center"
+    interpolation: Literal["bicubic", "bilinear"] = "bicubic"
     num_workers: NonNegativeInt = 2
     preload: bool = False
     skip_bad_images: bool = False
@@ -185,7 +186,8 @@ class FewShotConfig(_Strict):
 
 
 PAPER_MODE: dict[str, dict[str, Any]] = {
-    "data": {"resize": "squash", "augment_per": "batch", "base_size": 256, "teacher_eval_view": "whole"},
+    "data": {"resize": "squash", "augment_per": "batch", "base_size": 256, "teacher_eval_view": "whole",
+             "interpolation": "bilinear"},
     "optim": {"onecycle_per": "epoch"},
     "train": {"teacher_view": "whole", "average_last": 5, "amp": False, "analysis_max_images": None},
     "loss": {"temperature": 0.07, "closed_set_id_logits": "all"},
@@ -195,7 +197,8 @@ PAPER_MODE: dict[str, dict[str, Any]] = {
 
 
 class ExperimentConfig(_Strict):
-    """One experiment. ``mode: paper`` reproduces the official code's data handling (see paper_spec §4)."""
+    """One experiment. ``mode: paper`` sets every switch in ``PAPER_MODE`` to the official code's behaviour
+    (configs/paper/README.md lists each one, and what still differs)."""
 
     name: str = "run"
     seed: NonNegativeInt = 0

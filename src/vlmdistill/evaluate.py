@@ -150,8 +150,7 @@ def analyse(cfg: ExperimentConfig, ws: Workspace, task: DistillTask) -> dict[str
         total = len(source)
         if limit is not None and total > limit:
             keep = torch.randperm(total, generator=g)[:limit].sort().values
-            source = ImageSource([source.records[i] for i in keep.tolist()], source.base_size, source.resize,
-                                 source.num_workers, source.skip_bad)
+            source = source.like([source.records[i] for i in keep.tolist()])
         s, s_i = student_features(task.student, cfg, source)
         t, t_i = teacher_features(cfg, ws, source)
         common = torch.isin(s_i, t_i)

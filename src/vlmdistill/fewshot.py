@@ -134,7 +134,7 @@ def tip_adapter_logits(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, key
     Inputs are unit vectors. With one key per support image and averaged views this is Tip-Adapter; with
     every view a separate key (paper mode) the cache term sums over all 10 K views, as the official code.
     """
-    values = F.one_hot(key_labels, len(w)).float()
+    values = F.one_hot(key_labels, len(w)).to(q.dtype)
     return text_scale * q @ w.T + alpha * torch.exp(-beta * (1 - q @ keys.T)) @ values
 
 

@@ -12,6 +12,8 @@ from PIL import Image, UnidentifiedImageError
 from vlmdistill.errors import VlmdistillError
 
 ResizeMode = Literal["squash", "center_crop"]
+Interpolation = Literal["bicubic", "bilinear"]
+_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
 
 class BadImageError(VlmdistillError, RuntimeError):
@@ -56,28 +58,30 @@ def _check_pixels(im: Image.Image) -> None:
         )
 
 
-def _fit(im: Image.Image, base_size: int, resize: ResizeMode) -> Image.Image:
+def _fit(im: Image.Image, base_size: int, resize: ResizeMode, interpolation: Interpolation) -> Image.Image:
     if resize == "squash":
-        return im.resize((base_size, base_size), Image.Resampling.BICUBIC)
+        return im.resize((base_size, base_size), _RESAMPLE[interpolation])
     w, h = im.size
     scale = base_size / min(w, h)
     nw, nh = max(base_size, round(w * scale)), max(base_size, round(h * scale))
-    im = im.resize((nw, nh), Image.Resampling.BICUBIC)
+    im = im.resize((nw, nh), _RESAMPLE[interpolation])
     left, top = (nw - base_size) // 2, (nh - base_size) // 2
     return im.crop((left, top, left + base_size, top + base_size))
 
 
-def load_image(path: Path, base_size: int, resize: ResizeMode) -> torch.Tensor:
+def load_image(path: Path, base_size: int, resize: ResizeMode, interpolation: Interpolation = "bicubic"
+               ) -> torch.Tensor:
     """Decode to RGB and bring to a ``base_size`` square uint8 tensor [3, S, S].
 
     ``squash`` is the paper's 256x256 resize that ignores aspect ratio; ``center_crop`` resizes the
-    shorter side and crops the centre, as CLIP's own preprocessing does. Decompression bombs (headers
+    shorter side and crops the centre, as CLIP's own preprocessing does. ``bilinear`` is what the official
+    code's ``Resize([256, 256])`` does on PIL images (paper mode); ``bicubic`` is CLIP's. Decompression bombs (headers
     claiming more than ``PIL.Image.MAX_IMAGE_PIXELS``) are bad images, like any unreadable file.
     """
     try:
         with Image.open(path) as im:
             _check_pixels(im)
-            arr = np.asarray(_fit(_to_rgb(im), base_size, resize), dtype=np.uint8).copy()
+            arr = np.asarray(_fit(_to_rgb(im), base_size, resize, interpolation), dtype=np.uint8).copy()
     except FileNotFoundError as err:
         raise BadImageError(path, "file not found") from err
     except Image.DecompressionBombError as err:

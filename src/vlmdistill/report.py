@@ -13,8 +13,8 @@ from rich.table import Table
 from vlmdistill.errors import VlmdistillError
 from vlmdistill.results import METRICS, metric_value
 
-COLUMNS = ("id", "ood", "ood_acc1", "ood_5shot_finetune", "gzsl_h", "m_rel_train", "m_rel_ood", "m_neigh5_ood",
-           "m_vlalign3_ood", "mse_ood")
+COLUMNS = ("id", "ood", "ood_last", "ood_acc1", "ood_5shot_finetune", "gzsl_h", "m_rel_train", "m_rel_ood",
+           "m_neigh5_ood", "m_vlalign3_ood", "mse_ood")
 """The keys of ``results.METRICS`` a comparison shows (only those that at least one run has)."""
 
 
@@ -35,11 +35,16 @@ def load_results(run_dirs: list[Path]) -> list[dict[str, Any]]:
     return out
 
 
-def _fmt(v: Any) -> str:
+_BY_LABEL = {m.label: m for m in METRICS.values()}
+
+
+def _fmt(v: Any, column: str = "") -> str:
+    """A value in the one format of its column's metric (percentages .1f, analysis metrics .3f)."""
     if v is None:
         return "NA"
     if isinstance(v, float):
-        return f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
+        metric = _BY_LABEL.get(column)
+        return metric.format(v) if metric else f"{v:.3f}"
     return str(v)
 
 
@@ -56,13 +61,13 @@ def rich_table(header: list[str], rows: list[list[Any]], title: str = "") -> Tab
     for i, h in enumerate(header):
         table.add_column(h, justify="left" if i == 0 else "right")
     for row in rows:
-        table.add_row(*[_fmt(v) for v in row])
+        table.add_row(*[_fmt(v, h) for v, h in zip(row, header, strict=True)])
     return table
 
 
 def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    lines += ["| " + " | ".join(_fmt(v, h) for v, h in zip(row, header, strict=True)) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 

@@ -17,6 +17,11 @@ Kind = Literal["train", "eval", "teacher"]
 class Metric:
     label: str
     path: tuple[str, ...]
+    percent: bool = True
+
+    def format(self, value: float) -> str:
+        """Percentages with one decimal, the analysis metrics (fractions, distances) with three."""
+        return f"{value:.1f}" if self.percent else f"{value:.3f}"
 
 
 METRICS: dict[str, Metric] = {
@@ -27,12 +32,12 @@ METRICS: dict[str, Metric] = {
     "ood_5shot_finetune": Metric("OOD few-shot ft", ("fewshot", "finetune", "ood", "mean_per_class_recall")),
     "ood_5shot_retrieval": Metric("OOD few-shot Tip", ("fewshot", "retrieval", "ood", "mean_per_class_recall")),
     "gzsl_h": Metric("GZSL H", ("metrics_last_avg", "gzsl", "harmonic")),
-    "m_rel_train": Metric("M_rel train", ("analysis", "train", "m_rel")),
-    "m_rel_ood": Metric("M_rel OOD", ("analysis", "ood", "m_rel")),
-    "m_neigh5_ood": Metric("M_neigh@5 OOD", ("analysis", "ood", "m_neigh@5")),
-    "m_vlalign3_ood": Metric("M_vlalign@3 OOD", ("analysis", "ood", "m_vlalign@3")),
-    "mse_ood": Metric("MSE OOD", ("analysis", "ood", "mse")),
-    "angle_ood": Metric("angle OOD", ("analysis", "ood", "angle_deg")),
+    "m_rel_train": Metric("M_rel train", ("analysis", "train", "m_rel"), percent=False),
+    "m_rel_ood": Metric("M_rel OOD", ("analysis", "ood", "m_rel"), percent=False),
+    "m_neigh5_ood": Metric("M_neigh@5 OOD", ("analysis", "ood", "m_neigh@5"), percent=False),
+    "m_vlalign3_ood": Metric("M_vlalign@3 OOD", ("analysis", "ood", "m_vlalign@3"), percent=False),
+    "mse_ood": Metric("MSE OOD", ("analysis", "ood", "mse"), percent=False),
+    "angle_ood": Metric("angle OOD (deg)", ("analysis", "ood", "angle_deg")),
 }
 """Every number a table may show, by key; a results file without it shows NA. The headline numbers are
 the paper's: the mean over the last ``train.average_last`` evaluations (``metrics_last_avg``, App. B);

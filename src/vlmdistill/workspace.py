@@ -45,7 +45,8 @@ def build_workspace(cfg: ExperimentConfig, teacher: Teacher | None = None) -> Wo
     teacher = teacher or load_teacher(cfg.teacher)
 
     def source(split: Split) -> ImageSource:
-        return ImageSource(split.records, d.base_size, d.resize, d.num_workers, d.skip_bad_images, d.preload)
+        return ImageSource(split.records, d.base_size, d.resize, d.num_workers, d.skip_bad_images, d.preload,
+                           interpolation=d.interpolation)
 
     return Workspace(dataset, teacher, source(dataset.train), source(dataset.id_val), source(dataset.ood_val))
 

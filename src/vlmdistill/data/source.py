@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
 from vlmdistill.data.dataset import Record
-from vlmdistill.images import BadImageError, ResizeMode, load_image
+from vlmdistill.images import BadImageError, Interpolation, ResizeMode, load_image
 
 
 @dataclass
@@ -24,15 +24,17 @@ class Batch:
 
 
 class _Decoded(TorchDataset):
-    def __init__(self, records: list[Record], base_size: int, resize: ResizeMode, skip_bad: bool) -> None:
+    def __init__(self, records: list[Record], base_size: int, resize: ResizeMode, skip_bad: bool,
+                 interpolation: Interpolation) -> None:
         self.records, self.base_size, self.resize, self.skip_bad = records, base_size, resize, skip_bad
+        self.interpolation = interpolation
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, bool]:
         try:
-            return load_image(self.records[i].path, self.base_size, self.resize), i, True
+            return load_image(self.records[i].path, self.base_size, self.resize, self.interpolation), i, True
         except BadImageError:
             if not self.skip_bad:
                 raise
@@ -63,13 +65,14 @@ class ImageSource:
     num_workers: int = 0
     skip_bad: bool = False
     preload: bool = False
+    interpolation: Interpolation = "bicubic"
     bad: set[int] = field(default_factory=set)
     _images: torch.Tensor | None = None
     _loader: DataLoader | None = field(default=None, repr=False)
     _sampler: _PassBatches = field(default_factory=_PassBatches, repr=False)
 
     def __post_init__(self) -> None:
-        self._dataset = _Decoded(self.records, self.base_size, self.resize, self.skip_bad)
+        self._dataset = _Decoded(self.records, self.base_size, self.resize, self.skip_bad, self.interpolation)
         if self.preload:
             chunks = list(self._stream([b.tolist() for b in torch.arange(len(self.records)).split(256)], keep_bad=True))
             self._images = torch.cat([c.images for c in chunks]) if chunks else None
@@ -79,8 +82,7 @@ class ImageSource:
 
     def subset(self, index: list[int]) -> ImageSource:
         """Some of the images, sharing the already-decoded pixels when preloaded."""
-        sub = ImageSource([self.records[i] for i in index], self.base_size, self.resize, self.num_workers,
-                          self.skip_bad)
+        sub = self.like([self.records[i] for i in index])
         if self._images is not None:
             sub._images = self._images[torch.tensor(index, dtype=torch.long)]
         sub.bad = {j for j, i in enumerate(index) if i in self.bad}
@@ -88,11 +90,16 @@ class ImageSource:
 
     def concat(self, other: ImageSource) -> ImageSource:
         """This source followed by ``other`` (indices of ``other`` shift by ``len(self)``)."""
-        both = ImageSource(self.records + other.records, self.base_size, self.resize, self.num_workers, self.skip_bad)
+        both = self.like(self.records + other.records)
         if self._images is not None and other._images is not None:
             both._images = torch.cat([self._images, other._images])
         both.bad = self.bad | {len(self) + i for i in other.bad}
         return both
+
+    def like(self, records: list[Record]) -> ImageSource:
+        """Other images decoded the same way (nothing preloaded)."""
+        return ImageSource(records, self.base_size, self.resize, self.num_workers, self.skip_bad,
+                           interpolation=self.interpolation)
 
     @property
     def bad_keys(self) -> list[str]:

@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 from rich.table import Table
 
 from vlmdistill.io import atomic_write_text
+from vlmdistill.results import METRICS
 
 COLUMNS = (
     ("id", "ID"),
@@ -30,19 +31,19 @@ COLUMNS = (
 )
 
 
-def _cell(stats: dict[str, Any] | None, seeds: int) -> str:
+def _cell(key: str, stats: dict[str, Any] | None, seeds: int) -> str:
+    """Mean (± std over seeds), in the one format of its metric (``results.Metric.format``)."""
     if not stats:
         return "NA"
-    m = stats["mean"]
-    fmt = "{:.1f}" if abs(m) >= 10 or m == 0 else "{:.3f}"
-    return fmt.format(m) + (f" ± {fmt.format(stats['std'])}" if seeds > 1 else "")
+    fmt = METRICS[key].format
+    return fmt(stats["mean"]) + (f" ± {fmt(stats['std'])}" if seeds > 1 else "")
 
 
 def table_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     header = ["variant", *[name for _, name in COLUMNS]]
     rows = []
     for row in summary["rows"].values():
-        rows.append([row["label"], *[_cell(row["metrics"].get(k), summary["seeds"]) for k, _ in COLUMNS]])
+        rows.append([row["label"], *[_cell(k, row["metrics"].get(k), summary["seeds"]) for k, _ in COLUMNS]])
     return header, rows
 
 
@@ -57,7 +58,7 @@ def rich_summary(summary: dict[str, Any]) -> Table:
     for key in SCREEN_COLUMNS:
         table.add_column(names[key], justify="right")
     for row in summary["rows"].values():
-        table.add_row(row["label"], *[_cell(row["metrics"].get(k), summary["seeds"]) for k in SCREEN_COLUMNS])
+        table.add_row(row["label"], *[_cell(k, row["metrics"].get(k), summary["seeds"]) for k in SCREEN_COLUMNS])
     return table
 
 

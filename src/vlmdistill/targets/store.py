@@ -94,7 +94,8 @@ def images_fingerprint(source: ImageSource) -> str:
 def store_key(teacher: Teacher, source: ImageSource, recipe: ViewRecipe) -> dict[str, str]:
     return {
         "teacher_id": teacher.id,
-        "preprocess": f"base={source.base_size},resize={source.resize},size={teacher.image_size},{RENDER_VERSION}",
+        "preprocess": f"base={source.base_size},resize={source.resize},interp={source.interpolation},"
+                      f"size={teacher.image_size},{RENDER_VERSION}",
         "images": images_fingerprint(source),
         "views": f"n={recipe.n_views},seed={recipe.seed},scale={recipe.crop_scale},hflip={recipe.hflip}",
     }
