@@ -57,7 +57,11 @@ class StudentConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    """A prepared dataset directory (see ``vlmdistill prepare``) and how images become tensors."""
+    """A prepared dataset directory (see ``vlmdistill prepare``) and how images become tensors.
+
+    ``unlabeled``: a pool of unlabelled images (folder, list file or CSV with a ``path`` column; default: the
+    pool ``prepare --unlabeled`` recorded) for the label-free terms, ``unlabeled_ratio`` pool images per
+    labelled image in each batch (0: no pool)."""
 
     dir: Path = Path("data")
     base_size: Annotated[int, Field(ge=8)] = 256
@@ -72,6 +76,8 @@ class DataConfig(_Strict):
     num_workers: NonNegativeInt = 2
     preload: bool = False
     skip_bad_images: bool = False
+    unlabeled: Path | None = None
+    unlabeled_ratio: NonNegative = 1.0
 
     @field_validator("crop_scale")
     @classmethod
@@ -94,7 +100,11 @@ class TextConfig(_Strict):
 
 
 class LossTerm(_Strict):
+    """``on``: the rows a term runs on when batches hold unlabelled pool images. Unset: ``both`` for the
+    label-free terms, ``labelled`` for those that need labels (anything else is refused for them)."""
+
     weight: NonNegative = 0.0
+    on: Literal["labelled", "pool", "both"] | None = None
 
 
 class MseTerm(LossTerm):
@@ -158,6 +168,7 @@ class TrainConfig(_Strict):
     average_last: Count = 5
     checkpoint_every: Count = 1
     log_every: Count = 10
+    log_minutes: Annotated[float, Field(gt=0)] = 5.0
     max_steps: Count | None = None
     progress: bool = True
     analysis: bool = True

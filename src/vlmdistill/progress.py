@@ -1,14 +1,28 @@
-"""One rich progress bar style for every long loop (extraction, training, evaluation)."""
+"""The console: progress and messages on stderr, results and tables on stdout.
+
+On a terminal, long loops show a rich progress bar. In a log file or a pipe (a cluster job, ``| tee``)
+there is no bar: loops print plain lines instead, and nothing is wrapped or cut to 80 columns, so
+``vlmdistill compare runs/* > table.md`` gives the whole table.
+"""
 
 from __future__ import annotations
+
+import sys
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 100_000)
+
+
+def interactive() -> bool:
+    """Whether stderr is a terminal that can redraw a progress bar."""
+    return console.is_terminal
 
 
 def make_progress(enabled: bool = True) -> Progress:
+    """A progress bar, shown only on a terminal (callers print plain lines elsewhere)."""
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -18,6 +32,6 @@ def make_progress(enabled: bool = True) -> Progress:
         TextColumn("eta"),
         TimeRemainingColumn(),
         console=console,
-        disable=not enabled,
+        disable=not (enabled and interactive()),
         transient=False,
     )
