@@ -80,6 +80,8 @@ def prepare(
     id_fraction: Annotated[float, typer.Option(help="Fraction of classes that are ID (ceil).")] = 0.5,
     train_fraction: Annotated[float, typer.Option(help="Per ID class: ceil(f * n) images train, rest ID-val.")] = 0.7,
     id_classes: Annotated[Path | None, typer.Option(help="File: one ID class folder a line (else random).")] = None,
+    unlabeled: Annotated[Path | None, typer.Option(help="Unlabelled image pool to record with the dataset: a "
+                                                        "folder, a list file or a CSV with a 'path' column.")] = None,
 ) -> None:
     """Materialise ID-train / ID-val / OOD-val splits (the paper's layout, images linked not copied)."""
     from vlmdistill.data.prepare import prepare as do_prepare
@@ -87,7 +89,7 @@ def prepare(
     ids = [x.strip() for x in id_classes.read_text().splitlines() if x.strip()] if id_classes else None
     counts = _run(do_prepare, out, lists=lists, images=images, csv_path=csv, labels=labels,
                   descriptions=descriptions, seed=seed, id_fraction=id_fraction, train_fraction=train_fraction,
-                  id_classes=ids)
+                  id_classes=ids, unlabeled=unlabeled)
     console.print(f"prepared {out}: {counts}")
 
 

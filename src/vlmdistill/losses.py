@@ -2,17 +2,22 @@
 
 Every term takes the same ``LossInputs`` and returns a scalar. ``Objective`` sums the enabled terms
 with their config weights and returns the named values, so logs and ablations see each term.
+
+Each term class says whether it ``needs_labels``. A batch may hold unlabelled pool rows (``labelled`` mask):
+terms that need labels see only the labelled rows; the label-free ones see the rows ``loss.<term>.on``
+selects (labelled, pool or both; both by default).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmdistill.config import LossConfig
+from vlmdistill.config import ConfigError, LossConfig
 
 
 @dataclass
@@ -31,9 +36,17 @@ class LossInputs:
     t_raw: torch.Tensor | None = None
     c: torch.Tensor | None = None
 
+    def rows(self, mask: torch.Tensor) -> LossInputs:
+        """The same batch restricted to the rows ``mask`` selects (the class texts ``w`` are not rows)."""
+        picked = {f.name: getattr(self, f.name)[mask] for f in fields(self)
+                  if f.name != "w" and getattr(self, f.name) is not None}
+        return replace(self, **picked)
+
 
 class ClsLoss(nn.Module):
     """L_cls (eq. 1): cross-entropy over cos(s, w_c) / tau for all training classes."""
+
+    needs_labels = True
 
     def __init__(self, temperature: float) -> None:
         super().__init__()
@@ -46,6 +59,8 @@ class ClsLoss(nn.Module):
 class ClosedSetLoss(nn.Module):
     """The paper's closed-set baseline: plain CE on a linear head's logits (``s_raw`` are logits)."""
 
+    needs_labels = True
+
     def forward(self, x: LossInputs) -> torch.Tensor:
         return F.cross_entropy(x.s_raw, x.y)
 
@@ -55,6 +70,8 @@ class MseLoss(nn.Module):
 
     ``normalized=False`` is the official code's extra variant log(1 + mean ||S(x) - T(x)||^2 / 10).
     """
+
+    needs_labels = False
 
     def __init__(self, normalized: bool = True) -> None:
         super().__init__()
@@ -68,6 +85,8 @@ class MseLoss(nn.Module):
 
 class ImageContrastiveLoss(nn.Module):
     """L_im-cst (eq. 3, code form): InfoNCE over M_ij = cos(s_i, t_j) / tau with in-batch negatives."""
+
+    needs_labels = False
 
     def __init__(self, temperature: float, mode: str = "bidirectional") -> None:
         super().__init__()
@@ -90,11 +109,14 @@ class VlAlignLoss(nn.Module):
     dropped gives 0 (with a graph), not the official code's NaN.
     """
 
+    needs_labels = True
+
     def __init__(self, temperature: float, k: int = 256, filter: bool = True) -> None:
         super().__init__()
         self.temperature = temperature
         self.k = k
         self.filter = filter
+        self.needs_labels = filter  # only the filter compares the teacher's prediction with the label
 
     def forward(self, x: LossInputs) -> torch.Tensor:
         z = x.s @ x.w.T / self.temperature
@@ -112,6 +134,8 @@ class VlAlignLoss(nn.Module):
 
 class LogitKdLoss(nn.Module):
     """Hinton KD on the class distributions: T^2 KL(softmax(u/T) || softmax(z/T)), logits = cos / tau."""
+
+    needs_labels = False
 
     def __init__(self, temperature: float, kd_temperature: float = 1.0) -> None:
         super().__init__()
@@ -132,6 +156,8 @@ class CaptionLoss(nn.Module):
     code uses no temperature (``temperature=1``); the paper writes /tau.
     """
 
+    needs_labels = True
+
     def __init__(self, temperature: float = 1.0) -> None:
         super().__init__()
         self.temperature = temperature
@@ -144,36 +170,70 @@ class CaptionLoss(nn.Module):
         return F.cross_entropy(logits, torch.arange(len(logits), device=logits.device))
 
 
+Rows = Literal["labelled", "pool", "both"]
+"""Where a term runs in a batch that holds unlabelled pool rows."""
+
+
 class Objective(nn.Module):
-    """Weighted sum of the enabled terms; ``needs_teacher`` tells the trainer whether to fetch targets."""
+    """Weighted sum of the enabled terms; ``needs_teacher`` tells the trainer whether to fetch targets and
+    ``on_pool`` whether any term runs on unlabelled pool rows (else no pool images are drawn)."""
 
     def __init__(self, cfg: LossConfig) -> None:
         super().__init__()
         tau = cfg.temperature
         if cfg.closed_set:
-            terms = {"closed_set": (ClosedSetLoss(), 1.0)}
+            terms = {"closed_set": (ClosedSetLoss(), 1.0, None)}
         else:
             candidates = {
-                "cls": (ClsLoss(tau), cfg.cls.weight),
-                "mse": (MseLoss(cfg.mse.normalized), cfg.mse.weight),
-                "imcst": (ImageContrastiveLoss(tau, cfg.imcst.mode), cfg.imcst.weight),
-                "vlalign": (VlAlignLoss(tau, cfg.vlalign.k, cfg.vlalign.filter), cfg.vlalign.weight),
-                "kd": (LogitKdLoss(tau, cfg.kd.temperature), cfg.kd.weight),
-                "cap": (CaptionLoss(cfg.cap.temperature), cfg.cap.weight),
+                "cls": (ClsLoss(tau), cfg.cls),
+                "mse": (MseLoss(cfg.mse.normalized), cfg.mse),
+                "imcst": (ImageContrastiveLoss(tau, cfg.imcst.mode), cfg.imcst),
+                "vlalign": (VlAlignLoss(tau, cfg.vlalign.k, cfg.vlalign.filter), cfg.vlalign),
+                "kd": (LogitKdLoss(tau, cfg.kd.temperature), cfg.kd),
+                "cap": (CaptionLoss(cfg.cap.temperature), cfg.cap),
             }
-            terms = {k: v for k, v in candidates.items() if v[1] != 0}
-        self.terms = nn.ModuleDict({k: m for k, (m, _) in terms.items()})
-        self.weights = {k: w for k, (_, w) in terms.items()}
+            terms = {k: (m, c.weight, c.on) for k, (m, c) in candidates.items() if c.weight != 0}
+        self.terms = nn.ModuleDict({k: m for k, (m, _, _) in terms.items()})
+        self.weights = {k: w for k, (_, w, _) in terms.items()}
+        self.where: dict[str, Rows] = {k: _where(k, m, on) for k, (m, _, on) in terms.items()}
         self.needs_teacher = bool({"mse", "imcst", "vlalign", "kd"} & set(terms))
+        self.on_pool = any(w != "labelled" for w in self.where.values())
 
-    def forward(self, x: LossInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, x: LossInputs, labelled: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The weighted total (with graph) and each term detached, still on the device: reading them back
-        is a device sync, which the loop does only on logging steps."""
+        is a device sync, which the loop does only on logging steps. ``labelled`` marks the labelled rows
+        of a batch that holds pool rows too (None: every row is labelled)."""
         total = x.s.new_zeros(())
         named: dict[str, torch.Tensor] = {}
         for name, term in self.terms.items():
-            value = term(x)
+            rows = _rows(self.where[name], labelled, len(x.s))
+            if rows is None:
+                value = term(x)
+            elif rows.any():
+                value = term(x.rows(rows))
+            else:  # no row of its kind in this batch: the term adds nothing (with a graph, as a 0 loss)
+                value = x.s.sum() * 0.0
             named[name] = value.detach()
             total = total + self.weights[name] * value
         named["total"] = total.detach()
         return total, named
+
+
+def _where(name: str, term: nn.Module, on: Rows | None) -> Rows:
+    """The rows a term runs on: labelled only when it needs labels, else ``on`` (default both)."""
+    if not term.needs_labels:
+        return on or "both"
+    if on not in (None, "labelled"):
+        raise ConfigError(f"loss.{name}.on={on}: {name} needs labels, so it runs on labelled images only; "
+                          f"drop loss.{name}.on or set it to labelled")
+    return "labelled"
+
+
+def _rows(where: Rows, labelled: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """The row mask a term sees; None for every row (no copy)."""
+    if labelled is None:
+        return None if where != "pool" else torch.zeros(n, dtype=torch.bool)
+    if where == "both":
+        return None
+    return labelled if where == "labelled" else ~labelled

@@ -5,7 +5,12 @@ batch and gets back the loss and its named terms; evaluation gets the bare stude
 and the class embeddings (``class_embeddings``), never the task. One step, top to bottom:
 
     batch (images, index) -> views (+ the teacher's targets of those views) -> pixels      ``prepare``
+    [+ pool images drawn from g -> the same views and stored targets -> pixels, appended]
     pixels -> student -> s;  targets -> t;  labels -> y;  class texts -> w -> Objective      ``forward``
+
+With an unlabelled pool (``data.unlabeled``), each step appends ``data.unlabeled_ratio`` pool images per
+labelled one; the student runs once on both and the Objective gets a mask of the labelled rows, so the
+terms that need labels never see pool rows. The class texts are the training (ID) classes' either way.
 """
 
 from __future__ import annotations
@@ -18,25 +23,44 @@ from torch import nn
 
 from vlmdistill.config import ExperimentConfig
 from vlmdistill.data.captions import captions_for, read_captions
-from vlmdistill.data.source import Batch
+from vlmdistill.data.source import Batch, ImageSource
 from vlmdistill.data.views import randaugment, render
 from vlmdistill.device import resolve_device
 from vlmdistill.losses import LossInputs, Objective
 from vlmdistill.students import Student, create_student
-from vlmdistill.targets.lookup import TargetLookup
+from vlmdistill.targets.lookup import TargetLookup, open_targets
 from vlmdistill.text.labels import LabelSpace
 from vlmdistill.text.prompt_learner import PromptLearner, class_prompt_texts
 from vlmdistill.text.textbank import embed_texts
-from vlmdistill.workspace import TrainSet, Workspace, class_text_embeddings
+from vlmdistill.workspace import TrainSet, Workspace, class_text_embeddings, unlabeled_source
 
 
 @dataclass
 class StepBatch:
-    """The data side of one step, ready for the student: rendered pixels and the teacher's raw targets."""
+    """The data side of one step, ready for the student: rendered pixels and the teacher's raw targets.
+
+    The first ``len(index)`` rows are the labelled images ``index`` names; the last ``n_pool`` are pool images."""
 
     pixels: torch.Tensor
     index: torch.Tensor
     targets: torch.Tensor | None
+    n_pool: int = 0
+
+
+@dataclass
+class UnlabeledPool:
+    """The pool's images and their own target lookup (same teacher and view recipe, the pool's store)."""
+
+    source: ImageSource
+    targets: TargetLookup
+    ratio: float
+
+    def draw(self, n_labelled: int, g: torch.Generator) -> Batch | None:
+        """``ratio`` pool images per labelled one, distinct within the step, drawn from the step's generator
+        (so a resumed run draws the same); None when all of them are unreadable and skipped."""
+        n = min(max(1, round(self.ratio * n_labelled)), len(self.source))
+        index = torch.randperm(len(self.source), generator=g)[:n]
+        return next(iter(self.source.iter_batches([index])), None)
 
 
 class DistillTask(nn.Module):
@@ -59,13 +83,40 @@ class DistillTask(nn.Module):
         self.objective = Objective(cfg.loss)
         self.caption_embeddings = _caption_embeddings(cfg, ws, train_set) if cfg.loss.cap.weight and not \
             self.closed_set else None
+        # Distillation only (few-shot finetuning has support images) and only when a term runs on pool rows.
+        self._pool_from = ws if train_set.support is None and self.objective.on_pool else None
+        self.pool: UnlabeledPool | None = None
         self.targets = TargetLookup(cfg, None)
+
+    @property
+    def targets(self) -> TargetLookup:
+        return self._targets
+
+    @targets.setter
+    def targets(self, lookup: TargetLookup) -> None:
+        """The labelled images' target lookup. Setting it (the training job does, before fitting) opens the
+        pool's lookup the same way, so evaluation, which builds tasks too, never decodes or checks a pool."""
+        self._targets = lookup
+        ws = self._pool_from
+        source = unlabeled_source(self.cfg, ws) if ws is not None and lookup.kind != "none" else None
+        self.pool = None if source is None else UnlabeledPool(
+            source, open_targets(self.cfg, ws.teacher, source, needed=True), self.cfg.data.unlabeled_ratio)
 
     # ------------------------------------------------------------------ one step
     def prepare(self, batch: Batch, g: torch.Generator) -> StepBatch:
         """Data side: one view per image (per batch in paper mode), the teacher's targets of those views,
-        optional RandAugment, and the student's pixels on the device."""
-        views, targets = self.targets(batch.index, batch.images, g)
+        optional RandAugment, and the student's pixels on the device; then the pool images, prepared the same
+        way. They are drawn from ``g`` after the labelled images' draws, so a run without a pool is unchanged."""
+        step = self._prepared(batch, self.targets, g)
+        extra = self.pool.draw(len(batch.index), g) if self.pool is not None else None
+        if extra is None:
+            return step
+        pool = self._prepared(extra, self.pool.targets, g)
+        return StepBatch(torch.cat([step.pixels, pool.pixels]), batch.index,
+                         torch.cat([step.targets, pool.targets]), n_pool=len(extra.index))
+
+    def _prepared(self, batch: Batch, lookup: TargetLookup, g: torch.Generator) -> StepBatch:
+        views, targets = lookup(batch.index, batch.images, g)
         images = batch.images
         if self.cfg.data.randaugment:
             images = randaugment(images, g, per_batch=self.cfg.data.augment_per == "batch")
@@ -78,16 +129,23 @@ class DistillTask(nn.Module):
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
             s_raw = self.student(step.pixels).float()
         t_raw = step.targets.to(self.device) if step.targets is not None else None
+        y = self.train_set.labels[step.index]
+        c = self.caption_embeddings[step.index] if self.caption_embeddings is not None else None
+        labelled = None
+        if step.n_pool:  # pool rows: no label (-1), no caption (zeros); only the label-free terms see them
+            y = torch.cat([y, y.new_full((step.n_pool,), -1)])
+            c = torch.cat([c, c.new_zeros(step.n_pool, c.shape[1])]) if c is not None else None
+            labelled = (torch.arange(len(y)) < len(step.index)).to(self.device)
         inputs = LossInputs(
             s=F.normalize(s_raw, dim=-1),
-            y=self.train_set.labels[step.index].to(self.device),
+            y=y.to(self.device),
             w=self.prompts() if self.prompts is not None else self.w_train,
             t=F.normalize(t_raw, dim=-1) if t_raw is not None else None,
             s_raw=s_raw,
             t_raw=t_raw,
-            c=self.caption_embeddings[step.index].to(self.device) if self.caption_embeddings is not None else None,
+            c=c.to(self.device) if c is not None else None,
         )
-        return self.objective(inputs)
+        return self.objective(inputs, labelled)
 
     # ------------------------------------------------------------------ what evaluation and checkpoints need
     def image_encoder(self) -> Student:

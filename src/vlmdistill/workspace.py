@@ -14,8 +14,10 @@ import torch
 
 from vlmdistill.config import ExperimentConfig
 from vlmdistill.data.dataset import Dataset, Split, open_dataset
+from vlmdistill.data.pool import check_disjoint, read_pool, recorded_pool, split_files
 from vlmdistill.data.source import ImageSource
 from vlmdistill.data.views import Views
+from vlmdistill.progress import console
 from vlmdistill.teachers import Teacher, load_teacher
 from vlmdistill.text.labels import LabelSpace
 from vlmdistill.text.textbank import embed_texts
@@ -34,6 +36,7 @@ class Workspace:
     id_val: ImageSource
     ood_val: ImageSource
     teacher_features: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    pools: dict[tuple, ImageSource] = field(default_factory=dict)
 
     def owns(self, source: ImageSource) -> bool:
         return any(source is own for own in (self.train, self.id_val, self.ood_val))
@@ -49,6 +52,24 @@ def build_workspace(cfg: ExperimentConfig, teacher: Teacher | None = None) -> Wo
                            interpolation=d.interpolation)
 
     return Workspace(dataset, teacher, source(dataset.train), source(dataset.id_val), source(dataset.ood_val))
+
+
+def unlabeled_source(cfg: ExperimentConfig, ws: Workspace) -> ImageSource | None:
+    """The run's unlabelled pool (``data.unlabeled``, else the one prepare recorded), checked against every
+    split and decoded like them; None without one or with ``data.unlabeled_ratio=0``. Built once per workspace."""
+    d = cfg.data
+    path = d.unlabeled or recorded_pool(ws.dataset.root)
+    if path is None or d.unlabeled_ratio == 0:
+        return None
+    key = (str(path), d.base_size, d.resize, d.interpolation, d.skip_bad_images, d.preload)
+    if key not in ws.pools:
+        records, missing = read_pool(path, d.skip_bad_images)
+        if missing:
+            console.print(f"unlabeled pool {path}: skipped {len(missing)} missing images (first: {missing[0]})")
+        check_disjoint([r.path for r in records], split_files(ws.dataset), path)
+        ws.pools[key] = ImageSource(records, d.base_size, d.resize, d.num_workers, d.skip_bad_images, d.preload,
+                                    interpolation=d.interpolation)
+    return ws.pools[key]
 
 
 def class_prompts(cfg: ExperimentConfig, space: LabelSpace) -> list[str]:

@@ -24,6 +24,7 @@ from io import StringIO
 from pathlib import Path
 
 from vlmdistill.data.dataset import IMAGE_EXTENSIONS, SPLITS, DatasetError, read_list_file
+from vlmdistill.data.pool import check_disjoint, read_pool
 from vlmdistill.io import atomic_write_json, atomic_write_text, replace_dir, sha256_strings
 from vlmdistill.text.labels import (
     ClassInfo,
@@ -233,10 +234,14 @@ def write_prepared(
     """Link images into the paper's split layout and write its list, label and description files.
 
     ``prepare.json`` records ``images_root``, the folder every link points into, so ``open_dataset``
-    can refuse a link that leads anywhere else.
+    can refuse a link that leads anywhere else, and ``unlabeled``, the pool, once checked against every split.
     """
     out_dir = Path(out_dir)
     _check_target(out_dir, classes, assignment)
+    if provenance.get("unlabeled"):
+        pool, _ = read_pool(Path(provenance["unlabeled"]), skip_missing=True)
+        splits = {s: [p for c in classes for p in assignment.get(c.dir, {}).get(s, [])] for s in SPLITS}
+        check_disjoint([r.path for r in pool], splits, Path(provenance["unlabeled"]))
     sources = [Path(p).resolve() for c in classes for ps in assignment.get(c.dir, {}).values() for p in ps]
     images_root = os.path.commonpath([str(p.parent) for p in sources])
     counts = {}
@@ -288,9 +293,13 @@ def prepare(
     id_fraction: float = 0.5,
     train_fraction: float = 0.7,
     id_classes: list[str] | None = None,
+    unlabeled: Path | None = None,
 ) -> dict[str, int]:
-    """Build a prepared dataset from list files (+ raw images), a class-folder tree or a CSV."""
+    """Build a prepared dataset from list files (+ raw images), a class-folder tree or a CSV; ``unlabeled``
+    (a pool of unlabelled images) is recorded with it."""
     provenance: dict = {"seed": seed, "id_fraction": id_fraction, "train_fraction": train_fraction}
+    if unlabeled is not None:
+        provenance["unlabeled"] = str(Path(unlabeled).resolve())
     if lists is not None:
         if images is None:
             raise DatasetError("--lists needs --images, the raw image folder the list entries live in")
