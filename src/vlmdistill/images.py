@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from io import BytesIO
 from pathlib import Path
 from typing import Literal
 
@@ -78,8 +79,19 @@ def load_image(path: Path, base_size: int, resize: ResizeMode, interpolation: In
     code's ``Resize([256, 256])`` does on PIL images (paper mode); ``bicubic`` is CLIP's. Decompression bombs (headers
     claiming more than ``PIL.Image.MAX_IMAGE_PIXELS``) are bad images, like any unreadable file.
     """
+    return _decode(path, path, base_size, resize, interpolation)
+
+
+def decode_image(data: bytes, name: str, base_size: int, resize: ResizeMode, interpolation: Interpolation = "bicubic"
+                 ) -> torch.Tensor:
+    """``load_image`` for an image's bytes already read (a tar shard member); ``name`` names it in errors."""
+    return _decode(BytesIO(data), Path(name), base_size, resize, interpolation)
+
+
+def _decode(source: Path | BytesIO, path: Path, base_size: int, resize: ResizeMode, interpolation: Interpolation
+            ) -> torch.Tensor:
     try:
-        with Image.open(path) as im:
+        with Image.open(source) as im:
             _check_pixels(im)
             arr = np.asarray(_fit(_to_rgb(im), base_size, resize, interpolation), dtype=np.uint8).copy()
     except FileNotFoundError as err:

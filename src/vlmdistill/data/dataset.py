@@ -19,9 +19,14 @@ and so is a file whose real path (symlinks followed) is outside ``<root>``, exce
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
+from vlmdistill.data.compact import ListEntryError, Record, Records, from_pairs, read_entries
+from vlmdistill.data.shards import open_shards
 from vlmdistill.errors import VlmdistillError
 from vlmdistill.io import read_json
 from vlmdistill.text.labels import (
@@ -41,25 +46,24 @@ class DatasetError(VlmdistillError, ValueError):
     """A dataset folder that cannot be used; the message names the file and the fix."""
 
 
-@dataclass(frozen=True)
-class Record:
-    """One image: where it is, its class folder, and the stable key it is cached under."""
-
-    path: Path
-    class_dir: str
-    key: str
+__all__ = ["SPLITS", "Dataset", "DatasetError", "Record", "Split", "open_dataset", "read_list_file"]
 
 
 @dataclass
 class Split:
+    """One split's images (a list of ``Record``s, or compact ``Records`` from a list file) and their labels."""
+
     name: str
-    records: list[Record]
+    records: Sequence[Record]
     space: LabelSpace
     labels: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         index = self.space.index()
-        self.labels = [index[r.class_dir] for r in self.records]
+        if isinstance(self.records, Records):
+            self.labels = self.records.labels(index)
+        else:
+            self.labels = [index[r.class_dir] for r in self.records]
 
     def __len__(self) -> int:
         return len(self.records)
@@ -85,10 +89,15 @@ class Dataset:
         return self.ood_val.space
 
 
-def _read_list(root: Path, split: str) -> list[tuple[str, str]] | None:
-    """(line, class_dir) pairs of a split's list file, or None if there is no list file."""
+def _read_list(root: Path, split: str) -> Records | None:
+    """A split's list file as compact records, or None if there is no list file."""
     path = root / f"{split}_data.txt"
-    return read_list_file(path, split) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return read_entries(path, split, root)
+    except ListEntryError as err:
+        raise DatasetError(str(err)) from err
 
 
 def read_list_file(path: Path, split: str) -> list[tuple[str, str]]:
@@ -114,16 +123,22 @@ def read_list_file(path: Path, split: str) -> list[tuple[str, str]]:
     return out
 
 
-def _linked_images(root: Path) -> str | None:
-    """The folder prepare linked images from: ``images_root`` in prepare.json (older versions: ``images``)."""
+def _prepare_info(root: Path) -> dict:
+    """prepare.json's contents ({} without one)."""
     meta = root / "prepare.json"
     if not meta.is_file():
-        return None
+        return {}
     try:
         info = read_json(meta)
     except (OSError, ValueError) as err:
         raise DatasetError(f"{meta} is unreadable ({err}); run `vlmdistill prepare` again") from err
-    linked = info.get("images_root", info.get("images")) if isinstance(info, dict) else None
+    return info if isinstance(info, dict) else {}
+
+
+def _linked_images(root: Path) -> str | None:
+    """The folder prepare linked images from: ``images_root`` in prepare.json (older versions: ``images``)."""
+    info = _prepare_info(root)
+    linked = info.get("images_root", info.get("images"))
     return linked if isinstance(linked, str) else None
 
 
@@ -193,22 +208,21 @@ def _load_classes(root: Path, found: set[str], descriptions: Path | None) -> lis
 
 
 def _records(
-    root: Path, entries: dict[str, list[tuple[str, str]]], skip_missing: bool
-) -> tuple[dict[str, list[Record]], list[str]]:
+    root: Path, entries: dict[str, Records], skip_missing: bool
+) -> tuple[dict[str, Records], list[str]]:
     """Records of the entries that exist (all inside the allowed folders), and the missing entries."""
     inside = _Containment(root)
     missing: list[str] = []
-    records: dict[str, list[Record]] = {}
+    records: dict[str, Records] = {}
     for split, items in entries.items():
-        keep = []
-        for line, class_dir in items:
+        keep = np.ones(len(items), dtype=bool)
+        for i in range(len(items)):
+            line = items.key(i)
             inside.check(line)
-            path = root / line
-            if not path.exists():
+            if not os.path.exists(os.path.join(root, line)):
                 missing.append(line)
-                continue
-            keep.append(Record(path=path, class_dir=class_dir, key=line))
-        records[split] = keep
+                keep[i] = False
+        records[split] = items if keep.all() else items.take(keep)
     if missing and not skip_missing:
         raise DatasetError(
             f"{len(missing)} images listed under {root} do not exist (first: {missing[0]}); "
@@ -222,30 +236,37 @@ def open_dataset(root: Path, descriptions: Path | None = None, skip_missing: boo
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"dataset folder {root} does not exist; create it with `vlmdistill prepare`")
-    entries = {s: (_read_list(root, s) or _scan_split(root, s)) for s in SPLITS}
+    sharded = _prepare_info(root).get("format") == "shards"
+    if sharded:
+        entries, missing = open_shards(root, SPLITS, skip_missing)
+    else:
+        entries = {s: _read_list(root, s) or from_pairs(root, _scan_split(root, s)) for s in SPLITS}
     for split in ("train", "val"):
         if not entries[split]:
             raise DatasetError(
                 f"{root} has no '{split}' split ({split}_data.txt or a {split}/ folder); "
                 "run `vlmdistill prepare` to make one"
             )
-    found = {c for items in entries.values() for _, c in items}
+    found = {c for items in entries.values() for c in items.present_dirs()}
     try:
         classes = _load_classes(root, found, descriptions)
     except LabelFileError as err:
         raise DatasetError(str(err)) from err
-    records, missing = _records(root, entries, skip_missing)
+    if sharded:
+        records = entries
+    else:
+        records, missing = _records(root, entries, skip_missing)
     desc_file = str(descriptions if descriptions is not None else root / "chatgpt.txt")
 
     def space(split: str) -> LabelSpace:
-        present = {r.class_dir for r in records[split]} | {c for _, c in entries[split]}
+        present = entries[split].present_dirs()
         return LabelSpace(tuple(c for c in classes if c.dir in present), desc_file)
 
     id_space, ood_space = space("train"), space("val")
     overlap = set(id_space.dirs) & set(ood_space.dirs)
     if overlap:
         raise DatasetError(f"{root}: classes {sorted(overlap)[:5]} are in both train (ID) and val (OOD)")
-    stray = {r.class_dir for r in records["val_on_train"]} - set(id_space.dirs)
+    stray = records["val_on_train"].present_dirs() - set(id_space.dirs)
     if stray:
         raise DatasetError(f"{root}: val_on_train holds classes {sorted(stray)[:5]} that are not in train")
     return Dataset(

@@ -6,7 +6,7 @@ A bad image never stops a run silently: it raises ``BadImageError`` naming the f
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
 from vlmdistill.data.dataset import Record
+from vlmdistill.data.shards import ShardStream, load_member, shard_groups
 from vlmdistill.images import BadImageError, Interpolation, ResizeMode, load_image
 
 
@@ -24,7 +25,7 @@ class Batch:
 
 
 class _Decoded(TorchDataset):
-    def __init__(self, records: list[Record], base_size: int, resize: ResizeMode, skip_bad: bool,
+    def __init__(self, records: Sequence[Record], base_size: int, resize: ResizeMode, skip_bad: bool,
                  interpolation: Interpolation) -> None:
         self.records, self.base_size, self.resize, self.skip_bad = records, base_size, resize, skip_bad
         self.interpolation = interpolation
@@ -33,8 +34,11 @@ class _Decoded(TorchDataset):
         return len(self.records)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, bool]:
+        r = self.records[i]
         try:
-            return load_image(self.records[i].path, self.base_size, self.resize, self.interpolation), i, True
+            if r.shard is not None:
+                return load_member(r, self.base_size, self.resize, self.interpolation), i, True
+            return load_image(r.path, self.base_size, self.resize, self.interpolation), i, True
         except BadImageError:
             if not self.skip_bad:
                 raise
@@ -57,9 +61,10 @@ class _PassBatches:
 
 @dataclass
 class ImageSource:
-    """Serves ``Batch``es of base images for any order of indices."""
+    """Serves ``Batch``es of base images for any order of indices (loose files, or tar shard members read by
+    byte offset)."""
 
-    records: list[Record]
+    records: Sequence[Record]
     base_size: int
     resize: ResizeMode
     num_workers: int = 0
@@ -73,9 +78,20 @@ class ImageSource:
 
     def __post_init__(self) -> None:
         self._dataset = _Decoded(self.records, self.base_size, self.resize, self.skip_bad, self.interpolation)
-        if self.preload:
+        if self.preload and len(self.records) and self.records[0].shard is not None:
+            self._images = self._preload_shards()
+        elif self.preload:
             chunks = list(self._stream([b.tolist() for b in torch.arange(len(self.records)).split(256)], keep_bad=True))
             self._images = torch.cat([c.images for c in chunks]) if chunks else None
+
+    def _preload_shards(self) -> torch.Tensor:
+        """Every image, read shard by shard (each worker streams whole shards) and placed at its index."""
+        images = torch.zeros(len(self.records), 3, self.base_size, self.base_size, dtype=torch.uint8)
+        stream = ShardStream(shard_groups(self.records), self._dataset.__getitem__)
+        for batch, index, ok in DataLoader(stream, batch_size=256, num_workers=self.num_workers):
+            images[index] = batch
+            self.bad.update(index[~ok].tolist())
+        return images
 
     def __len__(self) -> int:
         return len(self.records)
@@ -96,7 +112,7 @@ class ImageSource:
         both.bad = self.bad | {len(self) + i for i in other.bad}
         return both
 
-    def like(self, records: list[Record]) -> ImageSource:
+    def like(self, records: Sequence[Record]) -> ImageSource:
         """Other images decoded the same way (nothing preloaded)."""
         return ImageSource(records, self.base_size, self.resize, self.num_workers, self.skip_bad,
                            interpolation=self.interpolation)

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from safetensors.torch import load, save
 
+from vlmdistill.data.shards import shards_fingerprint
 from vlmdistill.data.source import ImageSource
 from vlmdistill.data.views import Views, render, sample_views
 from vlmdistill.io import atomic_write_bytes, sha256_strings
@@ -83,7 +84,10 @@ class ViewRecipe:
 
 
 def images_fingerprint(source: ImageSource) -> str:
-    """Keys, sizes and modification times of every image: cheap, and changes when any image does."""
+    """Keys, sizes and modification times of every image: cheap, and changes when any image does.
+    Members of tar shards: keys, byte ranges, and each shard's size and mtime (one stat per shard)."""
+    if len(source.records) and source.records[0].shard is not None:
+        return shards_fingerprint(source.records)
     parts = []
     for r in source.records:
         st = r.path.stat()
