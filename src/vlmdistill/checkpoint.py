@@ -1,20 +1,46 @@
-"""Checkpoints without pickle: safetensors for every tensor, JSON for everything else.
+"""Checkpoints without pickle, each one atomic unit that is verified on load.
 
-``<run>/checkpoints/last.safetensors`` holds the student weights alone (what deployment needs);
-``last_state.safetensors`` + ``last_state.json`` hold the optimiser, scheduler, RNG and loop position,
-enough for a resumed run to continue exactly as if it had never stopped.
+A checkpoint is one folder, ``<run>/checkpoints/step-<N>/``, holding ``weights.safetensors`` (the student
+alone: what deployment needs), ``state.safetensors`` + ``state.json`` (optimiser, scheduler, RNG, loop
+position: enough for a resumed run to continue exactly as if it had never stopped), the learned prompt
+context ``prompt.safetensors`` when there is one, and ``manifest.json`` with the sha256 of each. The
+folder is built as ``.step-<N>.tmp-*`` and renamed into place whole, then ``latest.json`` is repointed
+at it; the previous checkpoint is kept, so a kill at any moment leaves the old unit or the new one, and
+a damaged newest unit is refused by its digests while resume falls back to the previous one.
+
+Run folders of the old layout (``checkpoints/last.safetensors`` etc., no digests) are still read, with a
+warning, and replaced by the new layout on their next save.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
-from vlmdistill.io import atomic_save_tensors, atomic_write_json, load_tensors, read_json
+from vlmdistill.errors import VlmdistillError
+from vlmdistill.io import atomic_write_json, load_tensors, read_json, sha256_file
+
+log = logging.getLogger(__name__)
+
+FORMAT = "vlmdistill-checkpoint/1"
+WEIGHTS, STATE_T, STATE_J, PROMPT, MANIFEST = (
+    "weights.safetensors", "state.safetensors", "state.json", "prompt.safetensors", "manifest.json")
+LATEST = "latest.json"
+_LEGACY = ("last.safetensors", "last_state.safetensors", "last_state.json", "last_prompt.safetensors")
+
+
+class CheckpointError(VlmdistillError):
+    """A checkpoint that is missing, damaged or unreadable; the message names the file and the fix."""
 
 
 @dataclass
@@ -59,9 +85,163 @@ def _scheduler_position(scheduler: Any) -> dict[str, Any]:
     return {k: state[k] for k in _SCHEDULER_KEYS if k in state}
 
 
+# ---- where the current checkpoint is -------------------------------------------------------------------
+
+def _root(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def _step_of(folder: Path) -> int:
+    return int(folder.name.split("-", 1)[1])
+
+
+def _units(run_dir: Path) -> list[Path]:
+    """Checkpoint folders that are structurally whole (manifest and every file it lists), newest first."""
+    root = _root(run_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for d in root.glob("step-*"):
+        try:
+            files = read_json(d / MANIFEST)["files"]
+            if d.is_dir() and all((d / name).is_file() for name in files):
+                found.append(d)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return sorted(found, key=_step_of, reverse=True)
+
+
+def checkpoint_units(run_dir: Path) -> list[Path]:
+    """The checkpoint folders to try, best first: the one ``latest.json`` names, then the others by step."""
+    units = _units(run_dir)
+    try:
+        named = _root(run_dir) / read_json(_root(run_dir) / LATEST)["folder"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return units
+    return sorted(units, key=lambda d: d != named)
+
+
+def _legacy(run_dir: Path) -> bool:
+    return all((_root(run_dir) / name).is_file() for name in _LEGACY[:3])
+
+
+def _current(run_dir: Path) -> Path | None:
+    units = checkpoint_units(run_dir)
+    return units[0] if units else None
+
+
 def checkpoint_paths(run_dir: Path) -> tuple[Path, Path, Path]:
-    d = Path(run_dir) / "checkpoints"
-    return d / "last.safetensors", d / "last_state.safetensors", d / "last_state.json"
+    """Weights, state tensors and state JSON of the current checkpoint (where a new one would go if none)."""
+    unit = _current(run_dir)
+    if unit is None and _legacy(run_dir):
+        log.warning("%s uses the old checkpoint layout (no digests): it is read unverified", _root(run_dir))
+        return tuple(_root(run_dir) / name for name in _LEGACY[:3])  # type: ignore[return-value]
+    unit = unit or _root(run_dir) / "step-0"
+    return unit / WEIGHTS, unit / STATE_T, unit / STATE_J
+
+
+def prompt_path(run_dir: Path) -> Path:
+    """Learned prompt context (CoOp) of the current checkpoint, kept apart from the student weights."""
+    weights = checkpoint_paths(run_dir)[0]
+    return weights.parent / (_LEGACY[3] if weights.name == _LEGACY[0] else PROMPT)
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    return _current(run_dir) is not None or _legacy(run_dir)
+
+
+# ---- verified reading ------------------------------------------------------------------------------------
+
+def _manifest(folder: Path) -> dict[str, Any] | None:
+    """The checkpoint manifest of ``folder``, None where there is none (an export folder, the old layout)."""
+    path = folder / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = read_json(path)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"checkpoint manifest {path} is unreadable ({err}); resume with --resume to fall "
+                              "back to the previous checkpoint, or train again") from None
+    return manifest if isinstance(manifest, dict) and manifest.get("format") == FORMAT else None
+
+
+def verify_file(path: Path) -> None:
+    """Refuse a checkpoint file whose sha256 differs from its unit's manifest (no-op outside a unit)."""
+    path = Path(path)
+    manifest = _manifest(path.parent)
+    if manifest is None:
+        return
+    want = manifest.get("files", {}).get(path.name, {}).get("sha256")
+    got = sha256_file(path) if path.is_file() else None
+    if want is None or got != want:
+        raise CheckpointError(
+            f"checkpoint file {path} is damaged (sha256 {str(got)[:12]}, manifest says {str(want)[:12]}); "
+            "`vlmdistill train CONFIG --resume` falls back to the previous checkpoint, or train again")
+
+
+def _read(path: Path, read: Any) -> Any:
+    """``read(path)`` with any parse error of a damaged file turned into a ``CheckpointError``."""
+    try:
+        return read(path)
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:
+        raise CheckpointError(f"checkpoint file {path} is unreadable ({type(err).__name__}: {err}); "
+                              "resume with --resume to fall back to the previous checkpoint, or train again") from None
+
+
+def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+    return load_tensors(path), meta
+
+
+def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file, its digest verified when it belongs to a checkpoint."""
+    verify_file(path)
+    return _read(Path(path), _read_weights)
+
+
+# ---- writing ---------------------------------------------------------------------------------------------
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_unit(tmp: Path, files: dict[str, tuple[dict[str, torch.Tensor], dict[str, str] | None]],
+                state: dict[str, Any], step: int) -> None:
+    """Every file of one checkpoint into ``tmp``, the manifest of their digests last, all fsync'ed."""
+    for name, (tensors, meta) in files.items():
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / name), metadata=meta)
+    (tmp / STATE_J).write_text(json.dumps(state, indent=2, default=str) + "\n", encoding="utf-8")
+    digests = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}
+    (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT, "step": step, "files": digests}, indent=2) + "\n",
+                                encoding="utf-8")
+    for p in tmp.iterdir():
+        _fsync(p)
+    _fsync(tmp)
+
+
+def _discard(folder: Path) -> None:
+    """Rename aside first, so a half-deleted folder never looks like a checkpoint."""
+    gone = folder.parent / f".{folder.name}.del-{os.getpid()}"
+    os.rename(folder, gone)
+    shutil.rmtree(gone, ignore_errors=True)
+
+
+def _prune(root: Path, keep: Path) -> None:
+    """Keep ``keep`` and the newest unit before it; drop every other unit and leftover temp folders."""
+    units = [d for d in root.glob("step-*") if d.is_dir()]
+    older = sorted((d for d in units if _step_of(d) < _step_of(keep)), key=_step_of)
+    for d in units:
+        if d != keep and (not older or d != older[-1]):
+            _discard(d)
+    for d in root.glob(".step-*"):
+        shutil.rmtree(d, ignore_errors=True)
+    for name in _LEGACY:
+        (root / name).unlink(missing_ok=True)
 
 
 def save_checkpoint(
@@ -71,49 +251,93 @@ def save_checkpoint(
     scheduler: Any,
     loop: LoopState,
     model_meta: dict[str, str],
-) -> None:
-    """Weights first, state last: a crash between the two leaves the previous state, never a mismatch."""
-    weights, state_t, state_j = checkpoint_paths(run_dir)
+    prompt_ctx: torch.Tensor | None = None,
+) -> Path:
+    """One unit, built aside and renamed into place, then named current; returns its folder."""
+    root = _root(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
     tensors, optim_meta = _flatten_optimizer(optimizer.state_dict())
     tensors["rng.torch"] = torch.get_rng_state()
-    atomic_save_tensors(weights, model.state_dict(), model_meta)
-    atomic_save_tensors(state_t, tensors)
-    atomic_write_json(
-        state_j,
-        {
-            "loop": asdict(loop),
-            "optimizer": optim_meta,
-            "scheduler": _scheduler_position(scheduler),
-            "model": model_meta,
-        },
-    )
+    files: dict[str, tuple[dict[str, torch.Tensor], dict[str, str] | None]] = {
+        WEIGHTS: (model.state_dict(), model_meta), STATE_T: (tensors, None)}
+    if prompt_ctx is not None:
+        files[PROMPT] = ({"ctx": prompt_ctx}, None)
+    state = {"loop": asdict(loop), "optimizer": optim_meta, "scheduler": _scheduler_position(scheduler),
+             "model": model_meta}
+    final = root / f"step-{loop.step:09d}"
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}.tmp-"))
+    try:
+        _write_unit(tmp, files, state, loop.step)
+        if final.exists():
+            _discard(final)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync(root)
+    atomic_write_json(root / LATEST, {"folder": final.name, "step": loop.step})
+    _fsync(root)
+    _prune(root, final)
+    return final
 
 
-def prompt_path(run_dir: Path) -> Path:
-    """Learned prompt context (CoOp), kept apart from the student weights that deployment needs."""
-    return Path(run_dir) / "checkpoints" / "last_prompt.safetensors"
+def clear_checkpoints(run_dir: Path) -> None:
+    """Remove every checkpoint of a run that starts again from scratch."""
+    root = _root(run_dir)
+    if root.is_dir():
+        (root / LATEST).unlink(missing_ok=True)
+        for d in [*root.glob("step-*"), *root.glob(".step-*")]:
+            _discard(d) if d.name.startswith("step-") else shutil.rmtree(d, ignore_errors=True)
+        for name in _LEGACY:
+            (root / name).unlink(missing_ok=True)
 
 
-def has_checkpoint(run_dir: Path) -> bool:
-    return all(p.is_file() for p in checkpoint_paths(run_dir))
+# ---- resuming --------------------------------------------------------------------------------------------
 
-
-def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    with safe_open(str(path), framework="pt") as f:
-        meta = dict(f.metadata() or {})
-    return load_tensors(path), meta
-
-
-def load_checkpoint(
-    run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
-) -> LoopState:
-    weights, state_t, state_j = checkpoint_paths(run_dir)
-    sd, _ = load_weights(weights)
-    model.load_state_dict(sd)
-    tensors = load_tensors(state_t)
-    meta = read_json(state_j)
-    optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
-    for key, value in meta["scheduler"].items():
+def _load_unit(weights: Path, state_t: Path, state_j: Path, model: torch.nn.Module, optimizer: Any,
+               scheduler: Any) -> tuple[LoopState, dict[str, torch.Tensor]]:
+    """Verify every file of one unit, then load it; nothing is applied unless all of it reads."""
+    for path in (weights, state_t, state_j):
+        verify_file(path)
+    prompt = weights.parent / (PROMPT if weights.name == WEIGHTS else _LEGACY[3])
+    if prompt.is_file():
+        verify_file(prompt)
+    sd, _ = _read(weights, _read_weights)
+    tensors = _read(state_t, load_tensors)
+    meta = _read(state_j, read_json)
+    extra = _read(prompt, load_tensors) if prompt.is_file() else {}
+    try:
+        loop = LoopState(step=int(meta["loop"]["step"]), history=list(meta["loop"]["history"]))
+        model.load_state_dict(sd)
+        optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
+        positions = dict(meta["scheduler"])
+        rng = tensors["rng.torch"]
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"checkpoint {weights.parent} does not fit this run ({type(err).__name__}: {err}); "
+                              "resume with the config it was trained with, or train again") from None
+    for key, value in positions.items():
         setattr(scheduler, key, value)
-    torch.set_rng_state(tensors["rng.torch"])
-    return LoopState(step=meta["loop"]["step"], history=meta["loop"]["history"])
+    torch.set_rng_state(rng)
+    return loop, extra
+
+
+def load_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                    prompt_ctx: torch.Tensor | None = None) -> LoopState:
+    """Restore the newest checkpoint that verifies; a damaged newest one falls back to the one before."""
+    units = [(u / WEIGHTS, u / STATE_T, u / STATE_J) for u in checkpoint_units(run_dir)]
+    if not units and _legacy(run_dir):
+        units = [checkpoint_paths(run_dir)]
+    errors = []
+    for paths in units:
+        try:
+            loop, extra = _load_unit(*paths, model, optimizer, scheduler)
+        except CheckpointError as err:
+            errors.append(str(err))
+            log.warning("%s; trying the previous checkpoint", err)
+            continue
+        if prompt_ctx is not None and "ctx" in extra:
+            with torch.no_grad():
+                prompt_ctx.copy_(extra["ctx"])
+        return loop
+    why = errors[0] if errors else "no checkpoint"
+    raise CheckpointError(f"{_root(run_dir)} holds no usable checkpoint ({why}); train again with --overwrite")

@@ -9,21 +9,31 @@ device only on logging steps.
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import torch
-from torch.utils.tensorboard import SummaryWriter
 
-from vlmdistill.checkpoint import LoopState, has_checkpoint, load_checkpoint, prompt_path, save_checkpoint
+from vlmdistill.checkpoint import (
+    LoopState,
+    clear_checkpoints,
+    has_checkpoint,
+    load_checkpoint,
+    load_weights,
+    prompt_path,
+    save_checkpoint,
+)
 from vlmdistill.config import ExperimentConfig, save_config
 from vlmdistill.data.source import Batch
-from vlmdistill.io import atomic_save_tensors, load_tensors
-from vlmdistill.progress import console, make_progress
+from vlmdistill.progress import console
 from vlmdistill.task import DistillTask, StepBatch
+from vlmdistill.trainlog import TrainLog
 from vlmdistill.workspace import TrainSet
 
 Evaluate = Callable[[], dict[str, Any]]
@@ -124,8 +134,52 @@ class FitResult:
     complete: bool
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped a run after a step; its checkpoint at ``step`` is saved, so it can resume."""
+
+    def __init__(self, signum: int, step: int, total: int, run_dir: Path) -> None:
+        super().__init__(f"{signal.Signals(signum).name}: {run_dir} stopped at step {step} of {total}")
+        self.signum, self.step, self.total, self.run_dir = signum, step, total, run_dir
+
+    @property
+    def exit_code(self) -> int:
+        """What a shell reports for a process killed by the signal: 130 for SIGINT, 143 for SIGTERM."""
+        return 128 + self.signum
+
+
+class StopSignals:
+    """While active, SIGINT and SIGTERM (SLURM preemption) only ask the loop to stop after its step; a
+    second one does what it did before. Installed in the main thread only; the old handlers come back."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.signum is not None:  # asked twice: stop now, as without us
+            signal.signal(signum, self._previous[signum])
+            signal.raise_signal(signum)
+            return
+        self.signum = signum
+        console.print(f"{signal.Signals(signum).name}: saving a checkpoint after this step "
+                      "(send it again to stop at once)")
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
 def fit(task: DistillTask, evaluate: Evaluate, resume: bool = False) -> FitResult:
-    """Train ``task`` as its config says, evaluating and checkpointing at the end of outer epochs."""
+    """Train ``task`` as its config says, evaluating and checkpointing at the end of outer epochs.
+
+    SIGINT/SIGTERM stop it after the current step with a checkpoint there, raising ``RunInterrupted``."""
     cfg, run_dir = task.cfg, task.cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
@@ -136,12 +190,14 @@ def fit(task: DistillTask, evaluate: Evaluate, resume: bool = False) -> FitResul
     if resume and has_checkpoint(run_dir):
         state = restore(task, optimizer, scheduler)
         console.print(f"resumed {run_dir} at step {state.step} of {shape.total}")
+    elif not resume:
+        clear_checkpoints(run_dir)
     stop_at = shape.total if cfg.train.max_steps is None else min(shape.total, cfg.train.max_steps)
     start = time.perf_counter()
     task.student.train()
     batches: Iterator[Batch] | None = None
-    with TrainLog(cfg, shape.total, state.step) as log:
-        while state.step < stop_at:
+    with StopSignals() as stop, TrainLog(cfg, shape.total, state.step) as log:
+        while state.step < stop_at and stop.signum is None:
             epoch, pass_index, batch_index = shape.coords(state.step)
             if batches is None or batch_index == 0:
                 order = pass_batches(cfg, task.train_set, epoch, pass_index)[batch_index:]
@@ -159,6 +215,8 @@ def fit(task: DistillTask, evaluate: Evaluate, resume: bool = False) -> FitResul
     complete = state.step == shape.total
     if not complete:
         save(task, optimizer, scheduler, state)
+    if stop.signum is not None and not complete:
+        raise RunInterrupted(stop.signum, state.step, shape.total, run_dir)
     return FitResult(state, time.perf_counter() - start, complete)
 
 
@@ -179,17 +237,15 @@ def _end_of_epoch(task: DistillTask, evaluate: Evaluate, state: LoopState, epoch
 
 
 def save(task: DistillTask, optimizer: Any, scheduler: Any, state: LoopState) -> None:
-    """Student weights, optimiser/scheduler/RNG/loop state, and the learned prompt context if any."""
-    run_dir = task.cfg.run_dir
-    save_checkpoint(run_dir, task.student, optimizer, scheduler, state, task.model_meta())
-    if task.prompts is not None:
-        atomic_save_tensors(prompt_path(run_dir), {"ctx": task.prompts.ctx.detach()})
+    """Student weights, optimiser/scheduler/RNG/loop state and the learned prompt context: one unit."""
+    ctx = task.prompts.ctx.detach() if task.prompts is not None else None
+    save_checkpoint(task.cfg.run_dir, task.student, optimizer, scheduler, state, task.model_meta(), ctx)
 
 
 def restore(task: DistillTask, optimizer: Any, scheduler: Any) -> LoopState:
-    state = load_checkpoint(task.cfg.run_dir, task.student, optimizer, scheduler)
-    load_prompt_context(task, task.cfg.run_dir)
-    return state
+    """The newest checkpoint that verifies (with its own prompt context), falling back to the one before."""
+    ctx = task.prompts.ctx if task.prompts is not None else None
+    return load_checkpoint(task.cfg.run_dir, task.student, optimizer, scheduler, ctx)
 
 
 def load_prompt_context(task: DistillTask, run_dir: Path) -> None:
@@ -197,39 +253,4 @@ def load_prompt_context(task: DistillTask, run_dir: Path) -> None:
     path = prompt_path(run_dir)
     if task.prompts is not None and path.is_file():
         with torch.no_grad():
-            task.prompts.ctx.copy_(load_tensors(path)["ctx"])
-
-
-class TrainLog:
-    """TensorBoard scalars and the progress bar; loss values are read back from the device only here,
-    every ``train.log_every`` steps."""
-
-    def __init__(self, cfg: ExperimentConfig, total: int, done: int) -> None:
-        self.cfg, self.total, self.done = cfg, total, done
-        self.writer = SummaryWriter(str(cfg.run_dir / "tensorboard"))
-        self.bar = make_progress(cfg.train.progress)
-
-    def __enter__(self) -> TrainLog:
-        self.bar.__enter__()
-        self.task = self.bar.add_task(self.cfg.name, total=self.total, completed=self.done, info="")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.bar.__exit__(*exc)
-        self.writer.close()
-
-    def step(self, step: int, epoch: int, terms: dict[str, torch.Tensor], optimizer: Any) -> None:
-        if step % self.cfg.train.log_every and step != self.total:
-            self.bar.update(self.task, completed=step)
-            return
-        values = {k: float(v) for k, v in terms.items()}  # the sync point: one per logging step
-        for k, v in values.items():
-            self.writer.add_scalar(f"train/{k}", v, step)
-        self.writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step)
-        info = " ".join(f"{k}={v:.3f}" for k, v in values.items())
-        self.bar.update(self.task, completed=step, info=f"ep {epoch + 1}/{self.cfg.optim.epochs} {info}")
-
-    def metrics(self, metrics: dict[str, Any], epoch: int) -> None:
-        for split, values in metrics.items():
-            for k, v in (values or {}).items():
-                self.writer.add_scalar(f"eval/{split}/{k}", v, epoch)
+            task.prompts.ctx.copy_(load_weights(path)[0]["ctx"])

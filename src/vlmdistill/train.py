@@ -7,15 +7,20 @@ Data flow: workspace (splits, teacher) -> ``DistillTask`` (student, prompts, Obj
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from vlmdistill.checkpoint import has_checkpoint
 from vlmdistill.config import ExperimentConfig
+from vlmdistill.errors import RunError
 from vlmdistill.evaluate import analyse, score_student, skipped_images
-from vlmdistill.io import atomic_write_json
+from vlmdistill.io import atomic_write_json, read_json
 from vlmdistill.loop import FitResult, fit
 from vlmdistill.results import RunResults, average_metrics
+from vlmdistill.runlock import LOCK_FILE, run_lock
 from vlmdistill.students import count_parameters
 from vlmdistill.targets.lookup import open_targets
 from vlmdistill.task import DistillTask
@@ -51,15 +56,47 @@ def _results(task: DistillTask, ws: Workspace, eval_set: EvalSet, fit_result: Fi
     return results
 
 
-def distill(cfg: ExperimentConfig, ws: Workspace | None = None, resume: bool = False) -> dict[str, Any]:
-    """Train a student as configured, add the analysis metrics, and write results.json."""
-    torch.manual_seed(cfg.seed)
-    ws = ws or build_workspace(cfg)
-    train_set, eval_set = default_sets(ws, class_text_embeddings(cfg, ws)[0])
-    task = DistillTask(cfg, ws, train_set)
-    results = train_task(task, ws, eval_set, resume=resume)
-    atomic_write_json(cfg.run_dir / "results.json", results.to_dict())
-    if cfg.train.analysis and not task.closed_set:
-        results.analysis = analyse(cfg, ws, task)
+def _check_reuse(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to train over an existing run unless asked to continue it or start it again."""
+    if resume and overwrite:
+        raise RunError(f"give --resume (continue {run_dir}) or --overwrite (start it again), not both")
+    results = run_dir / "results.json"
+    if resume or overwrite or not (results.is_file() or has_checkpoint(run_dir)):
+        return
+    try:
+        complete = results.is_file() and read_json(results).get("complete") is True
+    except (OSError, ValueError, AttributeError):
+        complete = False
+    if complete:
+        raise RunError(f"run {run_dir} is complete ({results}); --overwrite trains it again, or use another name")
+    raise RunError(f"run {run_dir} holds an unfinished run; --resume continues it, --overwrite starts it again")
+
+
+def _start_again(run_dir: Path) -> None:
+    """Empty a run folder for --overwrite, keeping its lock and the teacher's own results."""
+    for entry in run_dir.iterdir():
+        if entry.name in (LOCK_FILE, "teacher"):
+            continue
+        shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+
+
+def distill(cfg: ExperimentConfig, ws: Workspace | None = None, resume: bool = False,
+            overwrite: bool = False) -> dict[str, Any]:
+    """Train a student as configured, add the analysis metrics, and write results.json.
+
+    The run folder is locked against a second writer; an existing run is refused unless ``resume``
+    continues it or ``overwrite`` empties it first."""
+    with run_lock(cfg.run_dir):
+        _check_reuse(cfg.run_dir, resume, overwrite)
+        if overwrite:
+            _start_again(cfg.run_dir)
+        torch.manual_seed(cfg.seed)
+        ws = ws or build_workspace(cfg)
+        train_set, eval_set = default_sets(ws, class_text_embeddings(cfg, ws)[0])
+        task = DistillTask(cfg, ws, train_set)
+        results = train_task(task, ws, eval_set, resume=resume)
         atomic_write_json(cfg.run_dir / "results.json", results.to_dict())
-    return results.to_dict()
+        if cfg.train.analysis and not task.closed_set:
+            results.analysis = analyse(cfg, ws, task)
+            atomic_write_json(cfg.run_dir / "results.json", results.to_dict())
+        return results.to_dict()
