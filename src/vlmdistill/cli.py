@@ -17,6 +17,7 @@ from rich.logging import RichHandler
 
 from vlmdistill.errors import VlmdistillError
 from vlmdistill.progress import console
+from vlmdistill.progress import out as out_console
 
 if TYPE_CHECKING:
     from vlmdistill.config import ExperimentConfig
@@ -53,11 +54,15 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug lo
         format="%(message)s",
         handlers=[RichHandler(console=console, show_path=False)],
     )
-    logging.getLogger("vlmdistill").setLevel(logging.DEBUG if verbose else logging.INFO)
+    logging.getLogger("vlmdistill").setLevel(logging.DEBUG if verbose else logging.WARNING)
     if not verbose:
+        from huggingface_hub.utils import disable_progress_bars
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        disable_progress_bars()
+        logging.getLogger("root").setLevel(logging.ERROR)
 
 
 def _load(config: Path | None, overrides: list[str] | None) -> ExperimentConfig:
@@ -82,6 +87,9 @@ def prepare(
     id_classes: Annotated[Path | None, typer.Option(help="File: one ID class folder a line (else random).")] = None,
     unlabeled: Annotated[Path | None, typer.Option(help="Unlabelled image pool to record with the dataset: a "
                                                         "folder, a list file or a CSV with a 'path' column.")] = None,
+    shards: Annotated[bool, typer.Option(help="Write the splits as webdataset tar shards (image, class, key) "
+                                              "under OUT/shards instead of linking the images.")] = False,
+    shard_size: Annotated[int, typer.Option(help="Images per tar shard (with --shards).")] = 1000,
 ) -> None:
     """Materialise ID-train / ID-val / OOD-val splits (the paper's layout, images linked not copied)."""
     from vlmdistill.data.prepare import prepare as do_prepare
@@ -89,8 +97,21 @@ def prepare(
     ids = [x.strip() for x in id_classes.read_text().splitlines() if x.strip()] if id_classes else None
     counts = _run(do_prepare, out, lists=lists, images=images, csv_path=csv, labels=labels,
                   descriptions=descriptions, seed=seed, id_fraction=id_fraction, train_fraction=train_fraction,
-                  id_classes=ids, unlabeled=unlabeled)
+                  id_classes=ids, unlabeled=unlabeled, shards=shards, shard_size=shard_size)
     console.print(f"prepared {out}: {counts}")
+
+
+def _skipped_line(results: dict[str, Any], where: Path) -> None:
+    """Say how many unreadable images a job skipped (data.skip_bad_images), and where they are listed."""
+    n = (results.get("data") or {}).get("skipped_images", 0)
+    if n:
+        console.print(f"[yellow]skipped {n} unreadable images[/] (listed in {where})")
+
+
+def _interrupted(stop: Any, then: str) -> typer.Exit:
+    """The line a SIGINT/SIGTERM-stopped job leaves, and the exit code of that signal (130, 143)."""
+    console.print(f"interrupted at step {stop.step} of {stop.total}; {then}", soft_wrap=True)
+    return typer.Exit(stop.exit_code)
 
 
 @app.command()
@@ -98,14 +119,26 @@ def train(
     config: ConfigArg,
     overrides: Overrides = None,
     resume: Annotated[bool, typer.Option(help="Continue from <run>/checkpoints if present.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Train again over an existing run of this name, deleting its "
+                                                 "checkpoints and results (its teacher/ results stay).")] = False,
 ) -> None:
-    """Distill a student: writes checkpoints, TensorBoard logs and results.json into output_dir/name."""
+    """Distill a student: writes checkpoints, TensorBoard logs and results.json into output_dir/name.
+
+    Ctrl-C or SIGTERM saves a checkpoint at the current step and exits 130 / 143; --resume continues."""
+    import shlex
+
+    from vlmdistill.loop import RunInterrupted
     from vlmdistill.report import comparison_rows, rich_table
     from vlmdistill.train import distill
 
     cfg = _load(config, overrides)
-    results = _run(distill, cfg, resume=resume)
-    console.print(rich_table(*comparison_rows([results]), title=str(cfg.run_dir)))
+    try:
+        results = _run(distill, cfg, resume=resume, overwrite=overwrite)
+    except RunInterrupted as stop:
+        again = shlex.join(["vlmdistill", "train", str(config), *(overrides or []), "--resume"])
+        raise _interrupted(stop, f"resume with: {again}") from None
+    out_console.print(rich_table(*comparison_rows([results]), title=str(cfg.run_dir)))
+    _skipped_line(results, cfg.run_dir / "results.json")
 
 
 @app.command("eval")
@@ -117,7 +150,7 @@ def evaluate(
     teacher_only: Annotated[bool, typer.Option(help="Score the teacher's own zero-shot instead.")] = False,
 ) -> None:
     """Zero-shot ID / OOD / generalized accuracy of a trained student, or of the teacher alone."""
-    from vlmdistill.evaluate import evaluate_run, evaluate_teacher
+    from vlmdistill.evaluate import eval_results_path, evaluate_run, evaluate_teacher
     from vlmdistill.report import comparison_rows, rich_table
     from vlmdistill.workspace import build_workspace
 
@@ -125,9 +158,12 @@ def evaluate(
     ws = _run(build_workspace, cfg)
     if teacher_only:
         results = _run(evaluate_teacher, cfg, ws)
+        written = cfg.run_dir / "teacher" / "results.json"
     else:
         results = _run(evaluate_run, cfg, ws, run or cfg.run_dir, analysis=cfg.train.analysis)
-    console.print(rich_table(*comparison_rows([results])))
+        written = eval_results_path(cfg, run or cfg.run_dir)
+    out_console.print(rich_table(*comparison_rows([results])))
+    _skipped_line(results, written)
 
 
 @app.command()
@@ -143,6 +179,7 @@ def fewshot(
 ) -> None:
     """Adapt a distilled student to the OOD classes from K images each: finetune and Tip-Adapter retrieval."""
     from vlmdistill.fewshot import run_fewshot
+    from vlmdistill.loop import RunInterrupted
     from vlmdistill.workspace import build_workspace
 
     extra = [f"fewshot.shots={shots}"] if shots is not None else []
@@ -152,7 +189,10 @@ def fewshot(
         extra.append("fewshot.continual=true")
     cfg = _load(config, [*(overrides or []), *extra])
     ws = _run(build_workspace, cfg)
-    out = _run(run_fewshot, cfg, ws, from_run or cfg.run_dir)
+    try:
+        out = _run(run_fewshot, cfg, ws, from_run or cfg.run_dir)
+    except RunInterrupted as stop:
+        raise _interrupted(stop, "few-shot adaptation does not resume: run the same command again") from None
     for name in ("finetune", "retrieval"):
         if name in out:
             ood = out[name]["ood"]
@@ -163,6 +203,7 @@ def fewshot(
     if "continual" in out:
         c = out["continual"]
         console.print(f"continual: before {c['before']}, after adapting on half 1: {c['after']}")
+    _skipped_line(out, (from_run or cfg.run_dir) / "fewshot.json")
 
 
 @app.command()
@@ -179,20 +220,33 @@ def demo(
     from vlmdistill.demo.run import run_demo
 
     summary = _run(run_demo, out, cache_dir, quick=quick, seeds=seeds, overrides=overrides or [])
-    console.print(rich_summary(summary))
+    out_console.print(rich_summary(summary))
     for claim, ok, detail in findings(summary):
         console.print(f"{'[green]yes[/]' if ok else '[red]no[/]'}  {claim}: {detail}")
     console.print(f"report: {out / 'report.md'} ({summary['seconds']:.0f} s)")
 
 
 @app.command()
-def cache(config: ConfigArg, overrides: Overrides = None) -> None:
+def cache(
+    config: ConfigArg,
+    overrides: Overrides = None,
+    verify: Annotated[bool, typer.Option(help="Re-hash every shard of every store under cache_dir (opening a "
+                                              "store only re-hashes files whose size or mtime changed); "
+                                              "damaged shards are re-extracted on next use.")] = False,
+) -> None:
     """Extract and store the teacher's embeddings of every training image under its stored views."""
     from vlmdistill.targets.lookup import target_recipe
-    from vlmdistill.targets.store import open_store, store_footprint, store_path
+    from vlmdistill.targets.store import open_store, store_footprint, store_path, verify_stores
     from vlmdistill.workspace import build_workspace
 
     cfg = _load(config, overrides)
+    if verify:
+        damaged = _run(verify_stores, cfg.cache_dir)
+        for directory, shards in damaged.items():
+            state = f"damaged shards {shards} dropped, re-extracted on next use" if shards else "ok"
+            console.print(f"{directory}: {state}")
+        console.print(f"verified {len(damaged)} store(s) under {cfg.cache_dir / 'targets'}")
+        return
     recipe = target_recipe(cfg)
     if recipe is None:
         console.print("this config renders views that cannot be stored (data.augment_per=batch or "
@@ -238,7 +292,7 @@ def compare(
     from vlmdistill.report import comparison_rows, csv_text, load_results, markdown_table, rich_table
 
     header, rows = comparison_rows(_run(load_results, runs))
-    console.print(rich_table(header, rows))
+    out_console.print(rich_table(header, rows))
     if out is not None:
         atomic_write_text(out, csv_text(header, rows) if out.suffix == ".csv" else markdown_table(header, rows))
         console.print(f"wrote {out}")

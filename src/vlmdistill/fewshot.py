@@ -22,9 +22,10 @@ from vlmdistill.data.dataset import Split
 from vlmdistill.data.source import ImageSource
 from vlmdistill.data.views import randaugment, render, sample_views
 from vlmdistill.errors import RunError
-from vlmdistill.evaluate import restore_task, student_features, teacher_features
+from vlmdistill.evaluate import restore_task, skipped_images, student_features, teacher_features
 from vlmdistill.io import atomic_write_json, read_json
 from vlmdistill.metrics import classification_metrics, mean_per_class_recall
+from vlmdistill.runlock import run_lock
 from vlmdistill.task import DistillTask
 from vlmdistill.train import train_task
 from vlmdistill.workspace import (
@@ -153,13 +154,15 @@ def tip_adapter(cfg: ExperimentConfig, ws: Workspace, from_run: Path, support: l
     task = restore_task(cfg, ws, from_run)
     _, eval_set = fewshot_sets(cfg, ws, support)
     labels = torch.tensor(ws.dataset.ood_val.labels, dtype=torch.long)[support]
-    keys, key_labels = merge_key_views(_key_views(cfg, ws, task, ws.ood_val.subset(support)), labels, f.key_merge)
+    shots = ws.ood_val.subset(support)
+    keys, key_labels = merge_key_views(_key_views(cfg, ws, task, shots), labels, f.key_merge)
     q, q_i = student_features(task.student, cfg, eval_set.ood_source)
     logits = tip_adapter_logits(F.normalize(q, dim=-1), task.class_embeddings()[1], keys, key_labels, f.alpha,
                                 f.beta, f.text_scale)
     return {"ood": classification_metrics(logits, eval_set.ood_labels[q_i]), "keys": f.keys, "alpha": f.alpha,
             "beta": f.beta, "text_scale": f.text_scale, "key_views": f.key_views, "key_merge": f.key_merge,
-            "key_view_kind": f.key_view_kind, "n_keys": len(keys)}
+            "key_view_kind": f.key_view_kind, "n_keys": len(keys),
+            "skipped": skipped_images(ws, shots, eval_set.ood_source)["skipped"]}
 
 
 def _key_views(cfg: ExperimentConfig, ws: Workspace, task: DistillTask, shots: ImageSource) -> torch.Tensor:
@@ -189,24 +192,31 @@ def _key_views(cfg: ExperimentConfig, ws: Workspace, task: DistillTask, shots: I
 
 
 def run_fewshot(cfg: ExperimentConfig, ws: Workspace, from_run: Path) -> dict[str, Any]:
-    """Every configured method; the summary also lands in the distilled run's results.json."""
+    """Every configured method; the summary also lands in the distilled run's results.json. The run is
+    locked meanwhile: its ``fewshot-*`` folders and results must not mix with another writer's."""
     from_run = Path(from_run)
-    rule = cfg.fewshot.selection
-    support = select_support(ws.dataset.ood_val, cfg.fewshot.shots, cfg.seed, rule)
-    out: dict[str, Any] = {"shots": cfg.fewshot.shots, "selection": rule, "support_images": len(support)}
-    if "finetune" in cfg.fewshot.methods:
-        res, _, _ = finetune(cfg, ws, from_run, support)
-        out["finetune"] = {**res["metrics_last_avg"], "averaged_over": res["averaged_over"], "last": res["metrics"],
-                           "run": str(from_run / f"fewshot-{cfg.fewshot.shots}shot-finetune")}
-    if "retrieval" in cfg.fewshot.methods:
-        out["retrieval"] = tip_adapter(cfg, ws, from_run, support)
-    if cfg.fewshot.continual:
-        out["continual"] = run_continual(cfg, ws, from_run)
-    results_path = from_run / "results.json"
-    if results_path.is_file():
-        results = read_json(results_path)
-        results["fewshot"] = out
-        atomic_write_json(results_path, results)
-    atomic_write_json(from_run / "fewshot.json", out)
-    return out
-
+    with run_lock(from_run):
+        rule = cfg.fewshot.selection
+        support = select_support(ws.dataset.ood_val, cfg.fewshot.shots, cfg.seed, rule)
+        out: dict[str, Any] = {"shots": cfg.fewshot.shots, "selection": rule, "support_images": len(support)}
+        skipped = set(skipped_images(ws)["skipped"])
+        if "finetune" in cfg.fewshot.methods:
+            res, _, _ = finetune(cfg, ws, from_run, support)
+            skipped |= set(res["data"]["skipped"])
+            out["finetune"] = {**res["metrics_last_avg"], "averaged_over": res["averaged_over"],
+                               "last": res["metrics"],
+                               "run": str(from_run / f"fewshot-{cfg.fewshot.shots}shot-finetune")}
+        if "retrieval" in cfg.fewshot.methods:
+            out["retrieval"] = tip_adapter(cfg, ws, from_run, support)
+            skipped |= set(out["retrieval"]["skipped"])
+        if cfg.fewshot.continual:
+            out["continual"] = run_continual(cfg, ws, from_run)
+        skipped |= set(skipped_images(ws)["skipped"])
+        out["data"] = {"skipped_images": len(skipped), "skipped": sorted(skipped)}
+        results_path = from_run / "results.json"
+        if results_path.is_file():
+            results = read_json(results_path)
+            results["fewshot"] = out
+            atomic_write_json(results_path, results)
+        atomic_write_json(from_run / "fewshot.json", out)
+        return out
