@@ -85,3 +85,37 @@ def test_cache_verb_builds_the_store(base_overrides: list[str]) -> None:
     res = CliRunner().invoke(app, ["cache", "-", *base_overrides, "train.target_views=2"])
     assert res.exit_code == 0, res.output
     assert "3 views" in res.output and "MiB on disk" in res.output
+
+
+def test_skipped_images_are_counted_on_the_console_and_in_every_results_file(
+    tmp_path: Path, base_overrides: list[str]
+) -> None:
+    """Issue 13 item 12: train, eval and fewshot each say how many unreadable images they skipped and where
+    they are listed; then (item 9) a damaged checkpoint makes eval a one-line error with exit code 2."""
+    from conftest import make_class_folders
+    from vlmdistill.checkpoint import checkpoint_paths
+    from vlmdistill.data.prepare import prepare
+
+    raw = tmp_path / "raw"
+    make_class_folders(raw, per_class=5)
+    broken = sorted((raw / "red_circle").iterdir())[0]
+    broken.write_bytes(b"not an image")
+    prepare(tmp_path / "data", images=raw, seed=0)
+    opts = [o for o in base_overrides if not o.startswith("data.dir=")]
+    args = ["-", *opts, f"data.dir={tmp_path / 'data'}", "data.skip_bad_images=true", "name=skips",
+            "optim.epochs=1", "train.target_views=0", "train.analysis=false", "loss.imcst.weight=1"]
+    runner, run = CliRunner(), tmp_path / "runs" / "skips"
+    for verb, extra, written in (("train", [], "results.json"), ("eval", [], "eval.json"),
+                                 ("fewshot", ["--method", "retrieval", "--shots", "1"], "fewshot.json")):
+        res = runner.invoke(app, [verb, *args, *extra])
+        assert res.exit_code == 0, res.output
+        assert f"skipped 1 unreadable images (listed in {run / written})" in " ".join(res.output.split())
+        data = json.loads((run / written).read_text())["data"]
+        assert data["skipped_images"] == 1 and broken.name in data["skipped"][0]
+    weights = checkpoint_paths(run)[0]
+    blob = bytearray(weights.read_bytes())
+    blob[-2] ^= 0x01
+    weights.write_bytes(bytes(blob))
+    res = runner.invoke(app, ["eval", *args])
+    assert res.exit_code == 2 and "damaged" in res.output and str(weights) in " ".join(res.output.split())
+    assert "Traceback" not in res.output
