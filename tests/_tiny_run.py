@@ -45,20 +45,15 @@ def exported(run: Path, open_clip: bool = True) -> Path:
     return _RUNS[key]
 
 
-def fake_run(src: Path, dest: Path, overrides: dict[str, dict[str, object]], weights: dict | None = None) -> Path:
-    """A copy of run ``src`` with config sections changed (and other student weights), for refusal tests."""
+def fake_run(src: Path, dest: Path, overrides: dict[str, dict[str, object]]) -> Path:
+    """A copy of run ``src`` with config sections changed, for the refusal tests."""
     import shutil
 
     import yaml
-
-    from vlmdistill.checkpoint import checkpoint_paths
-    from vlmdistill.io import atomic_save_tensors
 
     shutil.copytree(src, dest)
     cfg = yaml.safe_load((dest / "config.yaml").read_text())
     for section, values in overrides.items():
         cfg[section].update(values)
     (dest / "config.yaml").write_text(yaml.safe_dump(cfg))
-    if weights is not None:
-        atomic_save_tensors(checkpoint_paths(dest)[0], weights["tensors"], weights["meta"])
     return dest

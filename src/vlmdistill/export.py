@@ -33,6 +33,7 @@ from vlmdistill.api import (
     load,
     read_classes,
 )
+from vlmdistill.config import ExperimentConfig, load_config
 from vlmdistill.errors import VlmdistillError
 from vlmdistill.io import atomic_save_tensors, atomic_write_json, atomic_write_text, read_json
 from vlmdistill.students import Student, count_parameters
@@ -115,8 +116,8 @@ def _check_open_clip(model: DistilledModel, mean: list[float], std: list[float],
     return diff
 
 
-def _check_open_clip_exportable(model: DistilledModel) -> None:
-    cfg = model.cfg
+def _check_open_clip_exportable(cfg: ExperimentConfig) -> None:
+    """From the config alone, so a run that cannot become an open_clip model fails before any work."""
     if cfg.student.arch.startswith("tv:"):
         raise ExportError(
             f"--open-clip needs a timm student: open_clip's vision towers are timm models, and this run's student "
@@ -149,7 +150,7 @@ def export_open_clip(model: DistilledModel, folder: Path) -> dict[str, Any]:
     teacher's text tower, and logit_scale = 1 / the run's temperature, in one checkpoint."""
     import open_clip
 
-    _check_open_clip_exportable(model)
+    _check_open_clip_exportable(model.cfg)
     cfg, teacher, net = model.cfg, model.teacher(), model.student.net
     name = Path(cfg.teacher.model_config_path).stem if cfg.teacher.model_config_path else cfg.teacher.name
     model_cfg = dict(open_clip.get_model_config(name))
@@ -209,9 +210,9 @@ def export_model(run_dir: Path, out: Path, labels: Path | None = None, descripti
     if not open_clip and (out / OPEN_CLIP_DIR).exists():
         raise ExportError(f"{out / OPEN_CLIP_DIR} is left from an earlier export and would no longer match: "
                           "remove it, or export with --open-clip")
+    if open_clip and (run_dir / "config.yaml").is_file():
+        _check_open_clip_exportable(load_config(run_dir / "config.yaml"))
     model = load(run_dir)
-    if open_clip:
-        _check_open_clip_exportable(model)
     names, descs = read_classes(labels, descriptions) if labels else (model.class_names, model.descriptions)
     if not names:
         raise ExportError(f"the dataset of {run_dir} ({model.cfg.data.dir}) is not there to name the classes: "
