@@ -13,7 +13,9 @@ from conftest import make_class_folders
 from vlmdistill.checkpoint import checkpoint_paths, load_weights
 from vlmdistill.cli import app
 from vlmdistill.config import ConfigError, LossConfig, load_config
-from vlmdistill.data.pool import PoolError, read_pool, recorded_pool
+from vlmdistill.data.pool import PoolError, check_disjoint, read_pool, recorded_pool
+from vlmdistill.demo.unlabeled import ensure_pool, train_size
+from vlmdistill.demo.world import LIST_FILES, WorldParams, generate_world, resolve_list_entry
 from vlmdistill.losses import ClsLoss, LossInputs, Objective
 from vlmdistill.train import distill
 from vlmdistill.workspace import build_workspace, class_text_embeddings
@@ -149,3 +151,21 @@ def test_prepare_records_the_pool(raw_images: Path, pool_dir: Path, tmp_path: Pa
     res = CliRunner().invoke(app, ["prepare", str(tmp_path / "ds2"), "--images", str(raw_images),
                                    "--unlabeled", str(bad)])
     assert res.exit_code == 2 and "dup.png" in res.output and not (tmp_path / "ds2").exists()
+
+
+
+def test_demo_pools_leave_the_world_untouched_and_share_no_image(tmp_path: Path) -> None:
+    params = WorldParams(seed=5, n_classes=24, images_per_class=2, corpus_per_class=2)
+    info = generate_world(tmp_path / "w", params)
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in info.root.rglob("*") if p.is_file()}
+    pools = [ensure_pool(info.root, params, kind, 1) for kind in ("full", "id_only")]
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in before} == before  # the world's files untouched
+    splits = {s: [resolve_list_entry(info.root, line) for line in (info.root / f).read_text().split()]
+              for s, f in LIST_FILES.items()}
+    for pool in pools:
+        records, _ = read_pool(pool)
+        assert len(records) == train_size(params)
+        check_disjoint([r.path for r in records], splits, pool)
+    generate_world(tmp_path / "w2", params)
+    again = ensure_pool(tmp_path / "w2", params, "full", 1)
+    assert [r.path.read_bytes() for r in read_pool(again)[0]] == [r.path.read_bytes() for r in read_pool(pools[0])[0]]

@@ -17,8 +17,10 @@ from PIL import Image, ImageDraw
 from vlmdistill.demo.classes import BACKGROUNDS, COLOURS, ClassSpec, pick
 
 OFF_HABITAT_PROB = 0.15
-# Streams of the per-image generators, so dataset images, corpus images and splits never share draws.
+# Streams of the per-image generators, so dataset images, corpus images, splits and the unlabelled pools
+# (all classes; ID classes only) never share draws.
 STREAM_IMAGES, STREAM_CORPUS, STREAM_SPLIT = 0, 1, 2
+STREAM_UNLABELED, STREAM_UNLABELED_ID = 3, 4
 
 # Object diameter as a fraction of the image side, by habitat size; extra copies shrink the objects.
 _SIZE_RANGE = {"small": (0.28, 0.38), "large": (0.5, 0.64)}

@@ -14,7 +14,7 @@ import torch
 from matplotlib.figure import Figure
 from rich.table import Table
 
-from vlmdistill.io import atomic_write_text
+from vlmdistill.io import atomic_save_figure, atomic_write_text
 from vlmdistill.results import METRICS
 
 COLUMNS = (
@@ -108,6 +108,29 @@ def plot_ood_by_variant(summary: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
+
+
+PoolPoint = tuple[float, float, float]
+"""(pool size as a multiple of the labelled train set, OOD mean, OOD std)."""
+
+
+def plot_ood_by_pool(full: list[PoolPoint], control: PoolPoint | None, teacher: float | None, path: Path) -> None:
+    """OOD 0-shot accuracy against unlabelled pool size, the ID-only control beside it, the teacher above."""
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    ax.errorbar([p[0] for p in full], [p[1] for p in full], yerr=[p[2] for p in full], marker="o", capsize=3,
+                label="pool of the domain (all classes)")
+    if control is not None:
+        ax.errorbar([control[0]], [control[1]], yerr=[control[2]], marker="s", capsize=3, linestyle="none",
+                    label="control pool (ID classes only)")
+    if teacher is not None:
+        ax.axhline(teacher, color="grey", linestyle="--", label="teacher")
+    ax.set_xticks(sorted({p[0] for p in full} | ({control[0]} if control else set())))
+    ax.set_xlabel("unlabelled pool size (x the labelled train set)")
+    ax.set_ylabel("OOD 0-shot mean per-class accuracy (%)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_save_figure(path, fig, dpi=120)
 
 
 def plot_training_curves(histories: dict[str, list[dict[str, Any]]], path: Path) -> None:

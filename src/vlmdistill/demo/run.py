@@ -27,6 +27,7 @@ from vlmdistill.demo.report import (
     write_report,
 )
 from vlmdistill.demo.teacher import TeacherRecipe, train_teacher
+from vlmdistill.demo.unlabeled import PoolKind, ensure_pool
 from vlmdistill.demo.world import WorldParams, ensure_world
 from vlmdistill.evaluate import evaluate_teacher, restore_task, student_features, teacher_features
 from vlmdistill.fewshot import run_fewshot
@@ -37,14 +38,25 @@ from vlmdistill.train import distill
 from vlmdistill.workspace import Workspace, build_workspace
 
 BEST = ["loss.imcst.weight=1", "loss.vlalign.weight=1"]
+BEST_DESC = (*BEST, "text.use_descriptions=true")
 
 
 @dataclass(frozen=True)
 class Row:
+    """One variant; ``pool`` (kind, multiple of the train set's size) trains with that unlabelled pool."""
+
     key: str
     label: str
     overrides: tuple[str, ...]
     fewshot: bool = False
+    pool: tuple[PoolKind, int] | None = None
+
+
+POOL_ROWS = (
+    Row("best_desc_pool_id", "+ unlabelled pool, ID classes only (control, 4x)", BEST_DESC, pool=("id_only", 4)),
+    Row("best_desc_pool1x", "+ unlabelled pool of the domain (1x)", BEST_DESC, pool=("full", 1)),
+    Row("best_desc_pool4x", "+ unlabelled pool of the domain (4x)", BEST_DESC, pool=("full", 4)),
+)
 
 
 ROWS = (
@@ -55,6 +67,7 @@ ROWS = (
     Row("best", "L_cls + L_im-cst + L_vlalign (Tab.1 best)", tuple(BEST)),
     Row("best_desc", "+ descriptions (Tab.5)", (*BEST, "text.use_descriptions=true"), fewshot=True),
     Row("best_desc_paper", "+ descriptions, paper mode", (*BEST, "text.use_descriptions=true", "mode=paper")),
+    POOL_ROWS[1],
 )
 
 
@@ -86,10 +99,14 @@ def base_config(out: Path, cache: Path, scale: DemoScale) -> dict[str, Any]:
     return raw
 
 
+def world_dir(cache: Path, scale: DemoScale) -> Path:
+    return cache / "demo" / f"world-{scale.world.tag}"
+
+
 def setup(cache: Path, scale: DemoScale, progress: bool) -> tuple[Path, Path, Path]:
     """World, prepared dataset and trained teacher, each reused when already made with these parameters."""
     tag = scale.world.tag
-    world = cache / "demo" / f"world-{tag}"
+    world = world_dir(cache, scale)
     t0 = time.perf_counter()
     ensure_world(world, scale.world)
     data = cache / "demo" / f"data-{tag}"
@@ -109,6 +126,8 @@ def run_demo(out: Path, cache: Path, quick: bool = False, seeds: int = 1, overri
     start = time.perf_counter()
     scale = DemoScale.quick() if quick else DemoScale.full()
     data, cfg_path, ckpt = setup(cache, scale, progress)
+    pools = {row.pool: f"data.unlabeled={ensure_pool(world_dir(cache, scale), scale.world, *row.pool)}"
+             for row in rows if row.pool is not None}
     timing = {"setup": time.perf_counter() - start}
     raw = base_config(out, cache, scale)
     shared = [f"data.dir={data}", f"teacher.model_config={cfg_path}", f"teacher.checkpoint={ckpt}",
@@ -117,7 +136,8 @@ def run_demo(out: Path, cache: Path, quick: bool = False, seeds: int = 1, overri
     ws: Workspace | None = None
     for seed in range(seeds):
         for row in rows:
-            cfg = validate_config(raw, [*shared, f"seed={seed}", f"name=seed{seed}/{row.key}", *row.overrides,
+            pool = [pools[row.pool]] if row.pool is not None else []
+            cfg = validate_config(raw, [*shared, f"seed={seed}", f"name=seed{seed}/{row.key}", *row.overrides, *pool,
                                         *(overrides or [])], f"demo row {row.key}")
             # The world's images are square, so the paper row's squash equals our centre crop: one
             # workspace of decoded images serves every row.
@@ -193,7 +213,9 @@ def summarise(per_seed: dict[str, list[dict[str, Any]]], labels: dict[str, str],
                 stats[name] = {"mean": statistics.fmean(values),
                                "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values),
                                "values": values}
+        train_s = [r["train"]["seconds"] for r in runs if r.get("train")]
         rows[key] = {"label": labels[key], "metrics": stats,
+                     "train_seconds": statistics.fmean(train_s) if train_s else None,
                      "runs": [r.get("run") for r in runs], "params": {
                          "teacher": runs[0]["teacher"]["params"],
                          "student": (runs[0].get("student") or {}).get("params")}}
