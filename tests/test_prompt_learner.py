@@ -46,7 +46,8 @@ def test_training_learns_context_and_keeps_it(base_overrides: list[str]) -> None
                              "optim.epochs=1", "train.analysis=false"])
     res = distill(cfg)
     assert res["complete"]
+    from vlmdistill.checkpoint import prompt_path
     from vlmdistill.io import load_tensors
 
-    ctx = load_tensors(cfg.run_dir / "checkpoints" / "last_prompt.safetensors")["ctx"]
+    ctx = load_tensors(prompt_path(cfg.run_dir))["ctx"]
     assert ctx.shape[0] == 4 and ctx.abs().sum() > 0

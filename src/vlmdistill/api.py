@@ -292,7 +292,7 @@ def _from_run(run: Path, device: str) -> DistilledModel:
     if not cfg_path.is_file() or not weights_path.is_file():
         raise ModelLoadError(
             f"{run} is neither a model folder ({MANIFEST}) nor a finished run (config.yaml and "
-            "checkpoints/last.safetensors): give a `vlmdistill export` folder or a trained run directory"
+            "a checkpoint): give a `vlmdistill export` folder or a trained run directory"
         )
     cfg = load_config(cfg_path)
     weights, meta = load_weights(weights_path)

@@ -145,7 +145,7 @@ def run_demo(out: Path, cache: Path, quick: bool = False, seeds: int = 1, overri
             if seed == 0 and "teacher" not in per_seed:
                 per_seed["teacher"] = [evaluate_teacher(cfg, ws, out / "teacher")]
             console.print(f"[bold]seed {seed}[/] {row.label}")
-            res = distill(cfg, ws)
+            res = distill(cfg, ws, overwrite=True)  # a demo rerun replaces its own rows
             if row.fewshot:
                 res["fewshot"] = run_fewshot(cfg, ws, cfg.run_dir)
             per_seed.setdefault(row.key, []).append(res)
