@@ -118,30 +118,35 @@ class Records(Sequence[Record]):
 def read_entries(path: Path, split: str, root: Path) -> Records:
     """A list file (one ``<split>/<class_dir>/<file>`` a line) as ``Records`` under ``root``.
 
-    Lines are checked and packed one at a time, so no list of strings the size of the file is built. Bytes
+    Lines are read, checked and packed one at a time, so no string or list the size of the file is built. Bytes
     that are not UTF-8 (file names are bytes on Linux) come back as the same bytes when opened.
     """
     blob, starts, stops, classes = io.BytesIO(), array("q"), array("q"), array("i")
     class_ids: dict[str, int] = {}
-    text = Path(path).read_bytes().decode("utf-8", "surrogateescape")
-    for n, line in enumerate(text.splitlines(), start=1):
-        line = line.strip()
-        if not line:
-            continue
-        parts = line.split("/", 2)
-        if line.startswith("/") or ".." in line.split("/"):
-            raise ListEntryError(
-                f"{path}:{n}: entry {line!r} points outside the dataset folder (absolute or '..'); "
-                f"entries must be '{split}/<class_dir>/<file>' under it"
-            )
-        if len(parts) < 3:
-            raise ListEntryError(f"{path}:{n}: expected '{split}/<class_dir>/<file>', got {line!r}")
-        starts.append(blob.tell())
-        blob.write(line.encode("utf-8", "surrogateescape"))
-        stops.append(blob.tell())
-        classes.append(class_ids.setdefault(parts[1], len(class_ids)))
+    with Path(path).open("rb") as lines:
+        for n, raw in enumerate(lines, start=1):
+            line = raw.decode("utf-8", "surrogateescape").strip()
+            if line:
+                _pack(path, split, n, line, blob, starts, stops, classes, class_ids)
     return Records(root, blob.getvalue(), np.frombuffer(starts, dtype=np.int64), np.frombuffer(stops, dtype=np.int64),
                    np.frombuffer(classes, dtype=np.int32), tuple(class_ids))
+
+
+def _pack(path: Path, split: str, n: int, line: str, blob: io.BytesIO, starts: array, stops: array, classes: array,
+          class_ids: dict[str, int]) -> None:
+    """Check one list-file line and append it to the packed entries."""
+    parts = line.split("/", 2)
+    if line.startswith("/") or ".." in line.split("/"):
+        raise ListEntryError(
+            f"{path}:{n}: entry {line!r} points outside the dataset folder (absolute or '..'); "
+            f"entries must be '{split}/<class_dir>/<file>' under it"
+        )
+    if len(parts) < 3:
+        raise ListEntryError(f"{path}:{n}: expected '{split}/<class_dir>/<file>', got {line!r}")
+    starts.append(blob.tell())
+    blob.write(line.encode("utf-8", "surrogateescape"))
+    stops.append(blob.tell())
+    classes.append(class_ids.setdefault(parts[1], len(class_ids)))
 
 
 def from_pairs(root: Path, pairs: list[tuple[str, str]]) -> Records:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from vlmdistill.data.dataset import IMAGE_EXTENSIONS, SPLITS, DatasetError, read_list_file
 from vlmdistill.data.pool import check_disjoint, read_pool
+from vlmdistill.data.shards import write_index, write_split
 from vlmdistill.io import atomic_write_json, atomic_write_text, replace_dir, sha256_strings
 from vlmdistill.text.labels import (
     ClassInfo,
@@ -207,22 +208,28 @@ def _undecodable(name: str) -> bool:
     return False
 
 
-def _link_split(out_dir: Path, split: str, classes: list[ClassInfo], assignment: dict) -> list[str]:
-    """Link one split's images as ``<split>/<class_dir>/<name>``; same-named files get a hash suffix."""
-    lines = []
-    for c in classes:
+def _split_items(split: str, classes: list[ClassInfo], assignment: dict) -> list[tuple[str, Path, int]]:
+    """One split's images as (``<split>/<class_dir>/<name>``, source, class index); same-named files get a
+    hash suffix."""
+    items = []
+    for n, c in enumerate(classes):
         used: set[str] = set()
         for src in assignment.get(c.dir, {}).get(split, []):
             name = src.name
             if name in used:
                 name = f"{src.stem}_{sha256_strings([str(src)])[:8]}{src.suffix}"
             used.add(name)
-            rel = f"{split}/{c.dir}/{name}"
-            link = out_dir / rel
-            link.parent.mkdir(parents=True, exist_ok=True)
-            link.symlink_to(Path(src).resolve())
-            lines.append(rel)
-    return lines
+            items.append((f"{split}/{c.dir}/{name}", Path(src), n))
+    return items
+
+
+def _link_split(out_dir: Path, items: list[tuple[str, Path, int]]) -> list[str]:
+    """Link one split's images at their keys under ``out_dir``."""
+    for rel, src, _ in items:
+        link = out_dir / rel
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(src.resolve())
+    return [rel for rel, _, _ in items]
 
 
 def write_prepared(
@@ -230,8 +237,10 @@ def write_prepared(
     classes: list[ClassInfo],
     assignment: dict[str, dict[str, list[Path]]],
     provenance: dict,
+    shard_size: int | None = None,
 ) -> dict[str, int]:
-    """Link images into the paper's split layout and write its list, label and description files.
+    """Link images into the paper's split layout and write its list, label and description files; with
+    ``shard_size``, write the splits as tar shards of that many images instead (``data/shards.py``).
 
     ``prepare.json`` records ``images_root``, the folder every link points into, so ``open_dataset``
     can refuse a link that leads anywhere else, and ``unlabeled``, the pool, once checked against every split.
@@ -244,12 +253,19 @@ def write_prepared(
         check_disjoint([r.path for r in pool], splits, Path(provenance["unlabeled"]))
     sources = [Path(p).resolve() for c in classes for ps in assignment.get(c.dir, {}).values() for p in ps]
     images_root = os.path.commonpath([str(p.parent) for p in sources])
-    counts = {}
+    counts, shard_names = {}, {}
     with replace_dir(out_dir) as new:
         for split in SPLITS:
-            lines = _link_split(new, split, classes, assignment)
+            items = _split_items(split, classes, assignment)
+            counts[split] = len(items)
+            if shard_size is not None:
+                shard_names[split] = write_split(new, split, items, shard_size)
+                continue
+            lines = _link_split(new, items)
             atomic_write_text(new / f"{split}_data.txt", "".join(f"{x}\n" for x in lines), errors="surrogateescape")
-            counts[split] = len(lines)
+        if shard_size is not None:
+            write_index(new, shard_size, shard_names, counts)
+            provenance = {**provenance, "format": "shards", "shard_size": shard_size}
         atomic_write_text(new / "label2text.txt", format_label_file(classes))
         if all(c.description for c in classes):
             atomic_write_text(new / "chatgpt.txt", "".join(f"{c.description}\n" for c in classes))
@@ -294,9 +310,15 @@ def prepare(
     train_fraction: float = 0.7,
     id_classes: list[str] | None = None,
     unlabeled: Path | None = None,
+    shards: bool = False,
+    shard_size: int = 1000,
 ) -> dict[str, int]:
     """Build a prepared dataset from list files (+ raw images), a class-folder tree or a CSV; ``unlabeled``
-    (a pool of unlabelled images) is recorded with it."""
+    (a pool of unlabelled images) is recorded with it. ``shards``: the splits as tar shards of ``shard_size``
+    images instead of linked files."""
+    if shards and shard_size < 1:
+        raise DatasetError(f"--shard-size must be at least 1 image per shard, got {shard_size}")
+    per_shard = shard_size if shards else None
     provenance: dict = {"seed": seed, "id_fraction": id_fraction, "train_fraction": train_fraction}
     if unlabeled is not None:
         provenance["unlabeled"] = str(Path(unlabeled).resolve())
@@ -319,11 +341,11 @@ def prepare(
             assignment = seeded_split(files, seed, id_fraction, train_fraction, id_classes)
         provenance |= {"source": "csv", "csv": str(csv_path)}
         classes = resolve_classes(sorted(files), labels, descriptions, names)
-        return write_prepared(out_dir, classes, assignment, provenance)
+        return write_prepared(out_dir, classes, assignment, provenance, per_shard)
     elif images is not None:
         assignment = seeded_split(from_folders(images), seed, id_fraction, train_fraction, id_classes)
         provenance |= {"source": "folders", "images": str(images)}
     else:
         raise DatasetError("give --lists DIR --images DIR, --images DIR (class folders) or --csv FILE")
     classes = resolve_classes(sorted(assignment), labels, descriptions)
-    return write_prepared(out_dir, classes, assignment, provenance)
+    return write_prepared(out_dir, classes, assignment, provenance, per_shard)

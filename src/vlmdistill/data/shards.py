@@ -12,24 +12,20 @@ Layout (``vlmdistill prepare --shards``; label2text.txt, chatgpt.txt and prepare
 
 Offsets are read from the tar headers right after each shard is written, so an image is one ``pread``
 away (``ImageSource`` serves any index batch, and the target store keys members by their keys as it
-keys files). ``ShardStream`` instead reads whole shards in order, the shards split across ranks and
-DataLoader workers by ``assign_shards``.
+keys files). ``data/stream.py`` reads them: by offset, or whole shards in order split across ranks and
+DataLoader workers.
 """
 
 from __future__ import annotations
 
-import os
 import tarfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch.utils.data import IterableDataset, get_worker_info
 
-from vlmdistill.data.compact import ListEntryError, Members, Record, Records, read_entries, record_key_path
+from vlmdistill.data.compact import ListEntryError, Members, Record, Records, from_pairs, read_entries
 from vlmdistill.errors import VlmdistillError
-from vlmdistill.images import BadImageError, Interpolation, ResizeMode, decode_image
 from vlmdistill.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 
 SHARDS_DIR = "shards"
@@ -145,22 +141,12 @@ def open_shards(root: Path, splits: Sequence[str], skip_missing: bool) -> tuple[
     index = _read_index(Path(root))
     out, missing = {}, []
     for split in splits:
-        info = index["splits"].get(split, {"members": 0, "shards": []})
-        out[split], lost = _open_split(Path(root), split, info, skip_missing)
+        if split not in index["splits"]:
+            out[split] = from_pairs(Path(root), [])
+            continue
+        out[split], lost = _open_split(Path(root), split, index["splits"][split], skip_missing)
         missing += lost
     return out, missing
-
-
-def read_member(record: Record) -> bytes:
-    """The image bytes of a shard member (one ``pread``: safe in forked workers sharing nothing)."""
-    fd = os.open(record.shard, os.O_RDONLY)
-    try:
-        data = os.pread(fd, record.size, record.offset)
-    finally:
-        os.close(fd)
-    if len(data) != record.size:
-        raise OSError(f"shard ends after {len(data)} of the member's {record.size} bytes (truncated shard)")
-    return data
 
 
 def shards_fingerprint(records: Sequence[Record]) -> str:
@@ -176,60 +162,3 @@ def shards_fingerprint(records: Sequence[Record]) -> str:
             stats[r.shard] = f"{r.shard.name}|{st.st_size}|{st.st_mtime_ns}"
         parts.append(f"{r.key}|{stats[r.shard]}|{r.offset}|{r.size}")
     return sha256_strings(parts)
-
-
-# ---------------------------------------------------------------------------------------------- streaming
-
-
-def assign_shards(n_shards: int, rank: int = 0, world_size: int = 1, worker: int = 0, num_workers: int = 1
-                  ) -> list[int]:
-    """The shards one DataLoader worker of one rank reads: ``range(n)[rank::world_size][worker::num_workers]``.
-
-    Every shard goes to exactly one (rank, worker); a rank with no shard (more ranks than shards) gets none.
-    """
-    if not (0 <= rank < world_size and 0 <= worker < num_workers):
-        raise ValueError(f"rank {rank} of {world_size}, worker {worker} of {num_workers}: out of range")
-    return list(range(n_shards))[rank::world_size][worker::num_workers]
-
-
-def shard_groups(records: Sequence[Record]) -> list[list[int]]:
-    """Indices of ``records`` grouped by shard (in first-seen shard order), each group in byte-offset order."""
-    if isinstance(records, Records) and records.members is not None:
-        m = records.members
-        order = np.lexsort((m.offset, m.shard))
-        cuts = np.flatnonzero(np.diff(m.shard[order])) + 1
-        return [g.tolist() for g in np.split(order, cuts) if len(g)]
-    groups: dict[Path, list[int]] = {}
-    for i, r in enumerate(records):
-        groups.setdefault(r.shard, []).append(i)
-    return [sorted(g, key=lambda i: records[i].offset) for g in groups.values()]
-
-
-class ShardStream(IterableDataset):
-    """Every member of a rank's shards, read shard by shard: ``item(i)`` for each index, in offset order.
-
-    Shards are split across ranks by (``rank``, ``world_size``) and across the DataLoader's workers.
-    """
-
-    def __init__(self, groups: list[list[int]], item: Callable[[int], tuple[torch.Tensor, int, bool]],
-                 rank: int = 0, world_size: int = 1) -> None:
-        self.groups, self.item, self.rank, self.world_size = groups, item, rank, world_size
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, int, bool]]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        for n in assign_shards(len(self.groups), self.rank, self.world_size, worker, workers):
-            for i in self.groups[n]:
-                yield self.item(i)
-
-
-
-def load_member(record: Record, base_size: int, resize: ResizeMode, interpolation: Interpolation) -> torch.Tensor:
-    """A shard member decoded as ``load_image`` decodes a file; unreadable bytes are a ``BadImageError``
-    naming ``<shard>.tar:<key>``."""
-    name = record_key_path(record)
-    try:
-        data = read_member(record)
-    except OSError as err:
-        raise BadImageError(Path(name), f"{type(err).__name__}: {err}") from err
-    return decode_image(data, name, base_size, resize, interpolation)

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
 from vlmdistill.data.dataset import Record
-from vlmdistill.data.shards import ShardStream, load_member, shard_groups
+from vlmdistill.data.stream import ShardStream, load_member, shard_groups
 from vlmdistill.images import BadImageError, Interpolation, ResizeMode, load_image
 
 
