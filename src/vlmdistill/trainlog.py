@@ -21,7 +21,7 @@ class TrainLog:
         self.cfg, self.total, self.done = cfg, total, done
         self.steps_per_epoch = max(1, total // cfg.optim.epochs)
         self.writer = SummaryWriter(str(cfg.run_dir / "tensorboard"))
-        self.bar = make_progress(cfg.train.progress)
+        self.bar = make_progress(cfg.train.progress, plain_lines=False)  # plain lines: written here
         self.plain = cfg.train.progress and not interactive()
         self.start = self.last_line = time.monotonic()
 
