@@ -13,6 +13,7 @@ sweep of runs over one pool hashes each file once.
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
 from collections.abc import Iterable
 from io import StringIO
@@ -78,20 +79,27 @@ def recorded_pool(root: Path) -> Path | None:
     return Path(pool) if isinstance(pool, str) else None
 
 
-def file_hash(path: Path) -> str:
-    """sha256 of a file's bytes, remembered for as long as its size and mtime stay the same."""
-    real = os.path.realpath(path)
+def file_hash(image: Path | Record) -> str:
+    """sha256 of an image's bytes (a file, or a tar shard member), remembered while its file's size and mtime
+    stay the same."""
+    shard = image.shard if isinstance(image, Record) else None
+    real = os.path.realpath(shard if shard is not None else getattr(image, "path", image))
     st = os.stat(real)
-    key = (real, st.st_size, st.st_mtime_ns)
+    key = (real, st.st_size, st.st_mtime_ns, image.offset if shard is not None else 0)
     if key not in _HASHES:
-        _HASHES[key] = sha256_file(Path(real))
+        if shard is None:
+            _HASHES[key] = sha256_file(Path(real))
+        else:
+            with open(real, "rb") as f:
+                _HASHES[key] = hashlib.sha256(os.pread(f.fileno(), image.size, image.offset)).hexdigest()
     return _HASHES[key]
 
 
-def check_disjoint(pool: Iterable[Path], splits: dict[str, list[Path]], where: Path) -> None:
+def check_disjoint(pool: Iterable[Path], splits: dict[str, list[Path | Record]], where: Path) -> None:
     """Refuse a pool that holds any split's image: the same file (resolved path) or the same bytes."""
     pool = list(pool)
-    by_path = {os.path.realpath(p): (split, p) for split, paths in splits.items() for p in paths}
+    by_path = {os.path.realpath(getattr(p, "path", p)): (split, getattr(p, "path", p))
+               for split, paths in splits.items() for p in paths}
     for p in pool:
         hit = by_path.get(os.path.realpath(p))
         if hit is not None:
@@ -99,7 +107,7 @@ def check_disjoint(pool: Iterable[Path], splits: dict[str, list[Path]], where: P
     by_hash: dict[str, tuple[str, Path]] = {}
     for split, paths in splits.items():
         for p in paths:
-            by_hash.setdefault(file_hash(p), (split, p))
+            by_hash.setdefault(file_hash(p), (split, getattr(p, "path", p)))
     for p in pool:
         hit = by_hash.get(file_hash(p))
         if hit is not None:
@@ -111,6 +119,6 @@ def _overlap(where: Path, pool_file: Path, split: str, split_file: Path, how: st
                     "(pool images must not be images of any split, or evaluation would see training images)")
 
 
-def split_files(dataset: Dataset) -> dict[str, list[Path]]:
-    """Every split's image files, by split name, for ``check_disjoint``."""
-    return {s.name: [r.path for r in s.records] for s in (dataset.train, dataset.id_val, dataset.ood_val)}
+def split_files(dataset: Dataset) -> dict[str, list[Record]]:
+    """Every split's images (loose files or tar shard members), by split name, for ``check_disjoint``."""
+    return {s.name: list(s.records) for s in (dataset.train, dataset.id_val, dataset.ood_val)}
