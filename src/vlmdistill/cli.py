@@ -407,5 +407,14 @@ def predict_cmd(
 
 
 def run() -> None:
+    """The entry point: under torchrun every rank joins the process group first; only rank 0 prints."""
+    from vlmdistill import distributed
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    app()
+    distributed.init_from_env()
+    if not distributed.is_main():
+        console.quiet = out_console.quiet = True
+    try:
+        app()
+    finally:
+        distributed.shutdown()

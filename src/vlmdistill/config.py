@@ -175,6 +175,7 @@ class TrainConfig(_Strict):
     analysis_max_images: Count | None = 2000
     teacher_view: Literal["same", "whole"] = "same"
     target_views: NonNegativeInt = 10
+    sync_batchnorm: bool = True  # under DDP: BatchNorm over the global batch (as one process), not each rank's
 
 
 class FewShotConfig(_Strict):
