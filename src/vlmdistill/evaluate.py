@@ -3,6 +3,10 @@ and the paper's §6 analysis metrics.
 
 Evaluation takes a plain encoder (pixels in [0, 1] -> embedding), as open_clip's ``zero_shot_eval(model,
 ...)`` does: nothing here builds a trainer. The metrics themselves are in ``metrics.py``.
+
+Under torchrun DDP each rank embeds a contiguous slice of a split with the student and the slices are
+gathered in rank order (``student_features``), so every rank computes the metrics of one process; only rank 0
+writes results.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from typing import Any
 
 import torch
 
+from vlmdistill import distributed
 from vlmdistill.analysis import analysis_metrics
 from vlmdistill.checkpoint import checkpoint_paths, load_weights
 from vlmdistill.config import ExperimentConfig, save_config
@@ -40,11 +45,12 @@ Encoder = Callable[[torch.Tensor], torch.Tensor]
 
 @torch.no_grad()
 def embed_images(
-    encode: Encoder, source: ImageSource, size: int, view: ViewFactory, batch_size: int
+    encode: Encoder, source: ImageSource, size: int, view: ViewFactory, batch_size: int,
+    order: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Outputs [N, D] (on CPU) of the images that could be read, and their indices."""
+    """Outputs [N, D] (on CPU) of the images that could be read (of ``order``, default all), and their indices."""
     feats, index = [], []
-    for batch in source.batches(torch.arange(len(source)), batch_size):
+    for batch in source.batches(torch.arange(len(source)) if order is None else order, batch_size):
         pixels = render(batch.images, view(len(batch.index)), size)
         feats.append(encode(pixels).float().cpu())
         index.append(batch.index)
@@ -55,14 +61,22 @@ def embed_images(
 
 def student_features(student: torch.nn.Module, cfg: ExperimentConfig, source: ImageSource) -> tuple[
         torch.Tensor, torch.Tensor]:
-    """A student's outputs on a split under the deterministic eval view (in eval mode, restored after)."""
+    """A student's outputs on a split under the deterministic eval view (in eval mode, restored after).
+
+    Under DDP every rank embeds its slice and gets the whole split back, in the order of one process."""
     was_training = student.training
     student.eval()
     device = next(student.parameters()).device
-    out = embed_images(lambda x: student(x.to(device)), source, cfg.student.image_size, student_eval_view(cfg),
-                       cfg.optim.eval_batch_size)
+    feats, index = embed_images(lambda x: student(x.to(device)), source, cfg.student.image_size,
+                                student_eval_view(cfg), cfg.optim.eval_batch_size,
+                                distributed.shard(torch.arange(len(source))))
     student.train(was_training)
-    return out
+    if not distributed.active():
+        return feats, index
+    if not len(index):  # no readable image in this rank's slice: rows of the right width for the gather
+        feats = feats.new_zeros(0, getattr(student, "out_dim", feats.shape[1]))
+    counts = distributed.sizes(len(index))
+    return distributed.all_gather_tensors(feats, counts), distributed.all_gather_tensors(index, counts)
 
 
 def score_student(student: torch.nn.Module, cfg: ExperimentConfig, eval_set: EvalSet,
@@ -114,8 +128,9 @@ def evaluate_teacher(cfg: ExperimentConfig, ws: Workspace, out_dir: Path | None 
     metrics = zero_shot_metrics(id_f, id_y, ood_f, ood_y, w_id, w_ood)
     results = RunResults.start("teacher", cfg, f"{cfg.name} (teacher)", str(out_dir), ws.teacher, None, metrics)
     results.data = skipped_images(ws)
-    save_config(cfg, out_dir / "config.yaml")
-    atomic_write_json(out_dir / "results.json", results.to_dict())
+    if distributed.is_main():
+        save_config(cfg, out_dir / "config.yaml")
+        atomic_write_json(out_dir / "results.json", results.to_dict())
     return results.to_dict()
 
 
@@ -182,5 +197,6 @@ def evaluate_run(cfg: ExperimentConfig, ws: Workspace, run_dir: Path, analysis: 
     if analysis and not task.closed_set:
         results.analysis = analyse(cfg, ws, task)
     results.data = skipped_images(ws)
-    atomic_write_json(eval_results_path(cfg, run_dir), results.to_dict())
+    if distributed.is_main():
+        atomic_write_json(eval_results_path(cfg, run_dir), results.to_dict())
     return results.to_dict()

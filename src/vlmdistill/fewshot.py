@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from vlmdistill import distributed
 from vlmdistill.config import ExperimentConfig
 from vlmdistill.data.dataset import Split
 from vlmdistill.data.source import ImageSource
@@ -93,7 +94,8 @@ def finetune(
     train_set, eval_set = fewshot_sets(ft_cfg, ws, support)
     task = restore_task(ft_cfg, ws, from_run, DistillTask(ft_cfg, ws, train_set))
     results = train_task(task, ws, eval_set).to_dict()
-    atomic_write_json(ft_cfg.run_dir / "results.json", results)
+    if distributed.is_main():
+        atomic_write_json(ft_cfg.run_dir / "results.json", results)
     return results, task, eval_set
 
 
@@ -214,6 +216,8 @@ def run_fewshot(cfg: ExperimentConfig, ws: Workspace, from_run: Path) -> dict[st
         skipped |= set(skipped_images(ws)["skipped"])
         out["data"] = {"skipped_images": len(skipped), "skipped": sorted(skipped)}
         results_path = from_run / "results.json"
+        if not distributed.is_main():
+            return out
         if results_path.is_file():
             results = read_json(results_path)
             results["fewshot"] = out

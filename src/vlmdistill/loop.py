@@ -5,6 +5,11 @@ from a generator seeded by those coordinates, so a run resumed at any step is id
 never stopped. Each outer epoch runs ``optim.repeat_epochs`` passes over the data, as in the paper; the
 per-epoch schedule, evaluation and checkpoints happen at its end. Loss values are read back from the
 device only on logging steps.
+
+Under torchrun DDP the global batches are the same (they depend on the seed, never on the world size); each
+rank reads its contiguous slice (``distributed.shard``) and the task rebuilds the global batch for the loss.
+Every rank runs the same steps and evaluations; rank 0 alone writes the config, logs and checkpoints. A
+checkpoint holds nothing per rank, so it resumes under any number of processes.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Any
 
 import torch
 
+from vlmdistill import distributed
 from vlmdistill.checkpoint import (
     LoopState,
     clear_checkpoints,
@@ -31,6 +37,7 @@ from vlmdistill.checkpoint import (
 )
 from vlmdistill.config import ExperimentConfig, save_config
 from vlmdistill.data.source import Batch
+from vlmdistill.errors import RunError
 from vlmdistill.progress import console
 from vlmdistill.task import DistillTask, StepBatch
 from vlmdistill.trainlog import TrainLog
@@ -181,8 +188,11 @@ def fit(task: DistillTask, evaluate: Evaluate, resume: bool = False) -> FitResul
 
     SIGINT/SIGTERM stop it after the current step with a checkpoint there, raising ``RunInterrupted``."""
     cfg, run_dir = task.cfg, task.cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    if distributed.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    _check_world_size(cfg, task.train_set)
+    task.distribute()
     shape = LoopShape.of(cfg, task.train_set)
     optimizer, scheduler, per_step = build_optimizer(cfg, task.trainable(), shape.steps_per_epoch)
     torch.manual_seed(cfg.seed)
@@ -190,19 +200,21 @@ def fit(task: DistillTask, evaluate: Evaluate, resume: bool = False) -> FitResul
     if resume and has_checkpoint(run_dir):
         state = restore(task, optimizer, scheduler)
         console.print(f"resumed {run_dir} at step {state.step} of {shape.total}")
-    elif not resume:
+    elif not resume and distributed.is_main():
         clear_checkpoints(run_dir)
     stop_at = shape.total if cfg.train.max_steps is None else min(shape.total, cfg.train.max_steps)
     start = time.perf_counter()
     task.student.train()
     batches: Iterator[Batch] | None = None
     with StopSignals() as stop, TrainLog(cfg, shape.total, state.step) as log:
-        while state.step < stop_at and stop.signum is None:
+        while state.step < stop_at and not _stop_asked(stop):
             epoch, pass_index, batch_index = shape.coords(state.step)
             if batches is None or batch_index == 0:
                 order = pass_batches(cfg, task.train_set, epoch, pass_index)[batch_index:]
-                batches = iter(task.train_set.source.iter_batches(order))
+                batches = iter(task.train_set.source.iter_batches([distributed.shard(b) for b in order]))
             batch = next(batches, None)  # None only when a whole batch was unreadable and skipped
+            if batch is None and distributed.active():  # the other ranks still step: take part with no rows
+                batch = _no_rows(task.train_set.source.base_size)
             if batch is not None:
                 g = torch.Generator().manual_seed(step_seed(cfg.seed, epoch, pass_index, batch_index, 1))
                 log.step(state.step + 1, epoch, train_step(task, optimizer, task.prepare(batch, g)), optimizer)
@@ -218,6 +230,26 @@ def fit(task: DistillTask, evaluate: Evaluate, resume: bool = False) -> FitResul
     if stop.signum is not None and not complete:
         raise RunInterrupted(stop.signum, state.step, shape.total, run_dir)
     return FitResult(state, time.perf_counter() - start, complete)
+
+
+def _check_world_size(cfg: ExperimentConfig, train_set: TrainSet) -> None:
+    """Every rank needs at least one image of every global batch (an empty slice cannot be told apart from
+    unreadable images by the loader)."""
+    smallest = min((len(b) for b in pass_batches(cfg, train_set, 0, 0)), default=0)
+    if smallest < distributed.world_size():
+        raise RunError(f"a global batch of {smallest} images cannot be split over {distributed.world_size()} "
+                       "processes: use fewer processes, or a batch size and training set with at least one image "
+                       "per process in every batch (the last batch holds the remainder)")
+
+
+def _stop_asked(stop: StopSignals) -> bool:
+    """Whether a stop signal came; under DDP the first one any rank received stops every rank at this step."""
+    stop.signum = distributed.agree_max(stop.signum or 0) or None
+    return stop.signum is not None
+
+
+def _no_rows(base_size: int) -> Batch:
+    return Batch(torch.zeros(0, 3, base_size, base_size, dtype=torch.uint8), torch.zeros(0, dtype=torch.long))
 
 
 def _end_of_epoch(task: DistillTask, evaluate: Evaluate, state: LoopState, epochs_done: int,
@@ -237,7 +269,10 @@ def _end_of_epoch(task: DistillTask, evaluate: Evaluate, state: LoopState, epoch
 
 
 def save(task: DistillTask, optimizer: Any, scheduler: Any, state: LoopState) -> None:
-    """Student weights, optimiser/scheduler/RNG/loop state and the learned prompt context: one unit."""
+    """Student weights, optimiser/scheduler/RNG/loop state and the learned prompt context: one unit, written
+    by rank 0 (every rank holds the same weights and state)."""
+    if not distributed.is_main():
+        return
     ctx = task.prompts.ctx.detach() if task.prompts is not None else None
     save_checkpoint(task.cfg.run_dir, task.student, optimizer, scheduler, state, task.model_meta(), ctx)
 

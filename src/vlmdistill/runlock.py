@@ -3,7 +3,8 @@
 The kernel drops an ``flock`` when its process dies, however it dies, so a killed run never leaves a
 stale lock behind; the file itself stays (deleting it would race with the next taker) and only tells a
 refused second writer who holds it. Taking the same run's lock again in the same process is allowed
-(nested jobs), counted, and released with the outermost.
+(nested jobs), counted, and released with the outermost. Under torchrun DDP only rank 0 takes it: the
+other ranks of the same job write nothing into the run folder.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from vlmdistill import distributed
 from vlmdistill.errors import RunError
 
 LOCK_FILE = "run.lock"
@@ -47,6 +49,9 @@ def run_lock(run_dir: Path) -> Iterator[Path]:
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOCK_FILE
     key = str(path.resolve())
+    if not distributed.is_main():
+        yield path
+        return
     if key in _HELD:
         _HELD[key][1] += 1
         try:

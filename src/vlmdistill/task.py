@@ -11,6 +11,15 @@ and the class embeddings (``class_embeddings``), never the task. One step, top t
 With an unlabelled pool (``data.unlabeled``), each step appends ``data.unlabeled_ratio`` pool images per
 labelled one; the student runs once on both and the Objective gets a mask of the labelled rows, so the
 terms that need labels never see pool rows. The class texts are the training (ID) classes' either way.
+
+Under torchrun DDP each rank holds a contiguous slice of the global batch (and of the pool draw). ``prepare``
+makes every random draw for the whole global batch and keeps its rows, so the views, stored-view ids,
+RandAugment and pool draws are those of one process. ``forward`` gathers s (with gradient), t, y, c and the
+labelled mask back into the global batch, in one process's row order, and every rank computes the same
+Objective on it (open_clip's ``gather_with_grad=True, local_loss=False``): the in-batch negatives of L_im-cst
+and L_cap are the whole global batch whatever the number of processes. The gradients then equal one
+process's: the all_gather backward sums into each rank's rows the gradient of every rank's (identical) loss,
+W times one process's, and DDP averages the parameter gradients over the W ranks.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlmdistill import distributed
 from vlmdistill.config import ExperimentConfig
 from vlmdistill.data.captions import captions_for, read_captions
 from vlmdistill.data.source import Batch, ImageSource
@@ -39,12 +49,15 @@ from vlmdistill.workspace import TrainSet, Workspace, class_text_embeddings, unl
 class StepBatch:
     """The data side of one step, ready for the student: rendered pixels and the teacher's raw targets.
 
-    The first ``len(index)`` rows are the labelled images ``index`` names; the last ``n_pool`` are pool images."""
+    The first ``len(index)`` rows are the labelled images ``index`` names; the last ``n_pool`` are pool images.
+    Under DDP ``counts`` and ``pool_counts`` hold every rank's number of each, in rank order."""
 
     pixels: torch.Tensor
     index: torch.Tensor
     targets: torch.Tensor | None
     n_pool: int = 0
+    counts: list[int] | None = None
+    pool_counts: list[int] | None = None
 
 
 @dataclass
@@ -56,10 +69,11 @@ class UnlabeledPool:
     ratio: float
 
     def draw(self, n_labelled: int, g: torch.Generator) -> Batch | None:
-        """``ratio`` pool images per labelled one, distinct within the step, drawn from the step's generator
-        (so a resumed run draws the same); None when all of them are unreadable and skipped."""
+        """``ratio`` pool images per labelled one (of the global batch), distinct within the step, drawn from
+        the step's generator (so a resumed run draws the same); this rank's slice of them is read. None when
+        all of them are unreadable and skipped."""
         n = min(max(1, round(self.ratio * n_labelled)), len(self.source))
-        index = torch.randperm(len(self.source), generator=g)[:n]
+        index = distributed.shard(torch.randperm(len(self.source), generator=g)[:n])
         return next(iter(self.source.iter_batches([index])), None)
 
 
@@ -87,6 +101,7 @@ class DistillTask(nn.Module):
         self._pool_from = ws if train_set.support is None and self.objective.on_pool else None
         self.pool: UnlabeledPool | None = None
         self.targets = TargetLookup(cfg, None)
+        self._ddp: nn.Module | None = None  # the student under DDP (``distribute``); not a registered submodule
 
     @property
     def targets(self) -> TargetLookup:
@@ -108,34 +123,44 @@ class DistillTask(nn.Module):
         optional RandAugment, and the student's pixels on the device; then the pool images, prepared the same
         way. They are drawn from ``g`` after the labelled images' draws, so a run without a pool is unchanged."""
         step = self._prepared(batch, self.targets, g)
-        extra = self.pool.draw(len(batch.index), g) if self.pool is not None else None
+        n_global = sum(step.counts) if step.counts is not None else len(batch.index)
+        extra = self.pool.draw(n_global, g) if self.pool is not None else None
+        if extra is None and distributed.active() and self.pool is not None:
+            extra = Batch(batch.images[:0], batch.index[:0])  # this rank's pool share was unreadable: no rows
         if extra is None:
             return step
         pool = self._prepared(extra, self.pool.targets, g)
         return StepBatch(torch.cat([step.pixels, pool.pixels]), batch.index,
-                         torch.cat([step.targets, pool.targets]), n_pool=len(extra.index))
+                         torch.cat([step.targets, pool.targets]), len(extra.index), step.counts, pool.counts)
 
     def _prepared(self, batch: Batch, lookup: TargetLookup, g: torch.Generator) -> StepBatch:
-        views, targets = lookup(batch.index, batch.images, g)
+        """Under DDP the ranks first share how many rows each holds, to draw for the global batch."""
+        counts = distributed.sizes(len(batch.index)) if distributed.active() else None
+        n_global, offset = (sum(counts), sum(counts[: distributed.rank()])) if counts else (len(batch.index), 0)
+        views, targets = lookup(batch.index, batch.images, g, n_global, offset)
         images = batch.images
         if self.cfg.data.randaugment:
-            images = randaugment(images, g, per_batch=self.cfg.data.augment_per == "batch")
+            images = randaugment(images, g, per_batch=self.cfg.data.augment_per == "batch", offset=offset)
         pixels = render(images, views, self.cfg.student.image_size).to(self.device, non_blocking=True)
-        return StepBatch(pixels, batch.index, targets)
+        return StepBatch(pixels, batch.index, targets, counts=counts)
 
     def forward(self, step: StepBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Compute side: the student's embedding of the view against the teacher's, the labels and the texts."""
         amp = self.cfg.train.amp and self.device.type == "cuda"
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
-            s_raw = self.student(step.pixels).float()
+            s_raw = (self._ddp or self.student)(step.pixels).float()
         t_raw = step.targets.to(self.device) if step.targets is not None else None
         y = self.train_set.labels[step.index]
         c = self.caption_embeddings[step.index] if self.caption_embeddings is not None else None
+        n_labelled, n_pool = len(step.index), step.n_pool
+        if step.counts is not None:
+            s_raw, t_raw, y, c = _global_rows(step, s_raw, t_raw, y, c)
+            n_labelled, n_pool = sum(step.counts), sum(step.pool_counts or [0])
         labelled = None
-        if step.n_pool:  # pool rows: no label (-1), no caption (zeros); only the label-free terms see them
-            y = torch.cat([y, y.new_full((step.n_pool,), -1)])
-            c = torch.cat([c, c.new_zeros(step.n_pool, c.shape[1])]) if c is not None else None
-            labelled = (torch.arange(len(y)) < len(step.index)).to(self.device)
+        if n_pool:  # pool rows: no label (-1), no caption (zeros); only the label-free terms see them
+            y = torch.cat([y, y.new_full((n_pool,), -1)])
+            c = torch.cat([c, c.new_zeros(n_pool, c.shape[1])]) if c is not None else None
+            labelled = (torch.arange(len(y)) < n_labelled).to(self.device)
         inputs = LossInputs(
             s=F.normalize(s_raw, dim=-1),
             y=y.to(self.device),
@@ -146,6 +171,17 @@ class DistillTask(nn.Module):
             c=c.to(self.device) if c is not None else None,
         )
         return self.objective(inputs, labelled)
+
+    def distribute(self) -> None:
+        """Under DDP: BatchNorm over the global batch (unless ``train.sync_batchnorm=false``), then the student
+        wrapped in ``DistributedDataParallel`` for training steps (checkpoints and evaluation keep the bare one)."""
+        if not distributed.active() or self._ddp is not None:
+            return
+        if self.cfg.train.sync_batchnorm:
+            self.student = distributed.sync_batchnorm(self.student, self.device)
+        ids = [torch.cuda.current_device() if self.device.index is None else self.device.index] \
+            if self.device.type == "cuda" else None
+        object.__setattr__(self, "_ddp", nn.parallel.DistributedDataParallel(self.student, device_ids=ids))
 
     # ------------------------------------------------------------------ what evaluation and checkpoints need
     def image_encoder(self) -> Student:
@@ -175,6 +211,20 @@ class DistillTask(nn.Module):
             "teacher_id": self.teacher_id,
             "closed_set": str(self.closed_set),
         }
+
+
+def _global_rows(step: StepBatch, s_raw: torch.Tensor, t_raw: torch.Tensor | None, y: torch.Tensor,
+                 c: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """Each rank's rows gathered into the global batch in one process's order: every rank's labelled rows,
+    then every rank's pool rows. Only ``s_raw`` carries gradient (teacher targets and captions are constants)."""
+    n, counts, pool_counts = len(step.index), step.counts, step.pool_counts
+    s = distributed.gather_with_grad(s_raw[:n], counts)
+    t = distributed.all_gather_tensors(t_raw[:n], counts) if t_raw is not None else None
+    if pool_counts is not None:
+        s = torch.cat([s, distributed.gather_with_grad(s_raw[n:], pool_counts)])
+        t = torch.cat([t, distributed.all_gather_tensors(t_raw[n:], pool_counts)]) if t is not None else None
+    c = distributed.all_gather_tensors(c, counts) if c is not None else None
+    return s, t, distributed.all_gather_tensors(y, counts), c
 
 
 def _class_texts(cfg: ExperimentConfig, ws: Workspace) -> tuple[list[str], list[str]]:

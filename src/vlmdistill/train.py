@@ -2,7 +2,8 @@
 
 Data flow: workspace (splits, teacher) -> ``DistillTask`` (student, prompts, Objective, target lookup)
 -> ``loop.fit`` (evaluating through ``evaluate.score_student`` at the end of outer epochs) -> results
-(+ the paper's analysis metrics).
+(+ the paper's analysis metrics). Under torchrun every rank runs all of it (training, evaluation and the
+analysis gather across ranks); rank 0 alone holds the run lock and writes the run folder.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 import torch
 
+from vlmdistill import distributed
 from vlmdistill.checkpoint import has_checkpoint
 from vlmdistill.config import ExperimentConfig
 from vlmdistill.errors import RunError
@@ -88,15 +90,21 @@ def distill(cfg: ExperimentConfig, ws: Workspace | None = None, resume: bool = F
     continues it or ``overwrite`` empties it first."""
     with run_lock(cfg.run_dir):
         _check_reuse(cfg.run_dir, resume, overwrite)
-        if overwrite:
+        if overwrite and distributed.is_main():
             _start_again(cfg.run_dir)
+        distributed.barrier()
         torch.manual_seed(cfg.seed)
         ws = ws or build_workspace(cfg)
         train_set, eval_set = default_sets(ws, class_text_embeddings(cfg, ws)[0])
         task = DistillTask(cfg, ws, train_set)
         results = train_task(task, ws, eval_set, resume=resume)
-        atomic_write_json(cfg.run_dir / "results.json", results.to_dict())
+        _write_results(cfg.run_dir, results)
         if cfg.train.analysis and not task.closed_set:
             results.analysis = analyse(cfg, ws, task)
-            atomic_write_json(cfg.run_dir / "results.json", results.to_dict())
+            _write_results(cfg.run_dir, results)
         return results.to_dict()
+
+
+def _write_results(run_dir: Path, results: RunResults) -> None:
+    if distributed.is_main():
+        atomic_write_json(run_dir / "results.json", results.to_dict())

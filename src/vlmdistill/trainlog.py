@@ -1,7 +1,7 @@
 """What a training run tells the outside while it runs: TensorBoard scalars, and either a progress bar
 (on a terminal) or plain lines (in a log file or pipe: one per outer epoch, one per evaluation, and one
 at least every ``train.log_minutes``). Loss values are read back from the device only here, on logging
-steps, epoch ends and timed lines.
+steps, epoch ends and timed lines. Under DDP only rank 0 logs (every rank's loss is the global batch's).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
+from vlmdistill import distributed
 from vlmdistill.config import ExperimentConfig
 from vlmdistill.progress import console, interactive, make_progress
 
@@ -19,10 +20,11 @@ from vlmdistill.progress import console, interactive, make_progress
 class TrainLog:
     def __init__(self, cfg: ExperimentConfig, total: int, done: int) -> None:
         self.cfg, self.total, self.done = cfg, total, done
+        self.main = distributed.is_main()
         self.steps_per_epoch = max(1, total // cfg.optim.epochs)
-        self.writer = SummaryWriter(str(cfg.run_dir / "tensorboard"))
-        self.bar = make_progress(cfg.train.progress, plain_lines=False)  # plain lines: written here
-        self.plain = cfg.train.progress and not interactive()
+        self.writer = SummaryWriter(str(cfg.run_dir / "tensorboard")) if self.main else None
+        self.bar = make_progress(cfg.train.progress and self.main, plain_lines=False)  # plain lines: written here
+        self.plain = cfg.train.progress and self.main and not interactive()
         self.start = self.last_line = time.monotonic()
 
     def __enter__(self) -> TrainLog:
@@ -32,9 +34,12 @@ class TrainLog:
 
     def __exit__(self, *exc: object) -> None:
         self.bar.__exit__(*exc)
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
 
     def step(self, step: int, epoch: int, terms: dict[str, torch.Tensor], optimizer: Any) -> None:
+        if self.writer is None:
+            return
         epoch_end = step % self.steps_per_epoch == 0
         timed = self.plain and time.monotonic() - self.last_line >= 60 * self.cfg.train.log_minutes
         if step % self.cfg.train.log_every and step != self.total and not epoch_end and not timed:
@@ -51,6 +56,8 @@ class TrainLog:
             self._line(step, epoch, f"{info} lr={lr:.4g}")
 
     def metrics(self, metrics: dict[str, Any], epoch: int) -> None:
+        if self.writer is None:
+            return
         for split, values in metrics.items():
             for k, v in (values or {}).items():
                 self.writer.add_scalar(f"eval/{split}/{k}", v, epoch)

@@ -25,6 +25,10 @@ class Views:
     def __len__(self) -> int:
         return self.boxes.shape[0]
 
+    def rows(self, start: int, stop: int) -> Views:
+        """Views [start, stop): one rank's share of views drawn for a whole global batch."""
+        return Views(self.boxes[start:stop], self.flips[start:stop])
+
     @classmethod
     def whole(cls, n: int) -> Views:
         return cls(torch.tensor([[0.0, 0.0, 1.0, 1.0]]).repeat(n, 1), torch.zeros(n, dtype=torch.bool))
@@ -79,12 +83,19 @@ def render(images: torch.Tensor, views: Views, size: int) -> torch.Tensor:
     return torch.where(flips, out.flip(-1), out)
 
 
-def randaugment(images: torch.Tensor, generator: torch.Generator, per_batch: bool) -> torch.Tensor:
-    """RandAugment(2, 9) on uint8 images, seeded from ``generator`` so a run stays reproducible."""
+def randaugment(images: torch.Tensor, generator: torch.Generator, per_batch: bool, offset: int = 0) -> torch.Tensor:
+    """RandAugment(2, 9) on uint8 images, seeded from ``generator`` so a run stays reproducible.
+
+    Per image, image i of the global batch draws from its own seed (one seed from ``generator``, plus i): a
+    rank holding rows ``offset...`` of a global batch augments them as one process would."""
     op = v2.RandAugment(num_ops=2, magnitude=9)
     seed = int(torch.randint(0, 2**62, (1,), generator=generator))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if per_batch:
             return op(images)
-        return torch.stack([op(img) for img in images])
+        out = []
+        for i, img in enumerate(images):
+            torch.manual_seed(seed + offset + i)
+            out.append(op(img))
+        return torch.stack(out)

@@ -43,13 +43,20 @@ class TargetLookup:
         return "store" if self.store is not None else "online" if self.teacher is not None else "none"
 
     def __call__(
-        self, index: torch.Tensor, images: torch.Tensor, g: torch.Generator
+        self, index: torch.Tensor, images: torch.Tensor, g: torch.Generator, n_global: int | None = None,
+        offset: int = 0,
     ) -> tuple[Views, torch.Tensor | None]:
+        """Views and targets of ``index``: rows ``offset...`` of a global batch of ``n_global`` images (under
+        DDP; all of it by default). Draws are made for the whole global batch, so every rank draws as one
+        process would and keeps its own rows."""
         d = self.cfg.data
+        n = len(index) if n_global is None else n_global
+        mine = slice(offset, offset + len(index))
         if self.store is not None and self.cfg.train.teacher_view == "same":
-            view_ids = torch.randint(1, self.store.n_views, (len(index),), generator=g)
+            view_ids = torch.randint(1, self.store.n_views, (n,), generator=g)[mine]
             return self.store.views(index, view_ids), self.store.targets(index, view_ids)
-        views = sample_views(len(index), g, d.crop_scale, hflip=d.hflip, per_batch=d.augment_per == "batch")
+        views = sample_views(n, g, d.crop_scale, hflip=d.hflip, per_batch=d.augment_per == "batch")
+        views = views.rows(mine.start, mine.stop)
         if self.store is not None:
             return views, self.store.targets(index, torch.zeros_like(index))
         if self.teacher is not None:

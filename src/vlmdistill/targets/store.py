@@ -22,6 +22,9 @@ unless a past verification of exactly this size and mtime is remembered. The sto
 mtime: a file changed in place with both restored is not re-hashed; ``verify_store`` re-hashes all.
 A shard that fails is re-extracted by itself (``open_store``) or refused (``load_store``); never read.
 
+Under torchrun DDP every rank calls ``open_store``: rank 0 alone checks and writes the manifest, each rank
+extracts every W-th missing shard, and rank 0 records them all in the one manifest before anyone reads it.
+
 Embeddings stay on disk (one read-only ``numpy.memmap`` per shard; rows are gathered per batch), so a
 store larger than RAM trains with bounded resident memory; boxes, flips and valid (17 bytes per view)
 are held in memory. Files are replaced, never rewritten in place, so a training process's mappings stay
@@ -40,6 +43,7 @@ import numpy as np
 import torch
 from safetensors.torch import load, save
 
+from vlmdistill import distributed
 from vlmdistill.data.shards import shards_fingerprint
 from vlmdistill.data.source import ImageSource
 from vlmdistill.data.views import Views, render, sample_views
@@ -293,7 +297,8 @@ class _ShardWriter:
         feats = _write_file(self.directory, f"{i:05d}.feats.f16", self._feats.tobytes())
         metas = _write_file(self.directory, f"{i:05d}.meta.safetensors", save(meta))
         self.manifest.shards[i] = ShardEntry([start, stop], feats, metas)
-        self.manifest.save(self.directory)
+        if distributed.is_main():  # other ranks' shards are recorded by rank 0 once they are all written
+            self.manifest.save(self.directory)
         self._feats = self._valid = None
 
 
@@ -390,6 +395,25 @@ def open_store(
     key = store_key(teacher, source, recipe)
     directory = store_path(cache_dir, key)
     shape = (len(source), 1 + recipe.n_views, teacher.embed_dim)
+    with distributed.main_first() as main:
+        manifest = _checked_manifest(cache_dir, directory, key, shape, shard_size) if main \
+            else StoreManifest.read(directory)
+    todo = manifest.missing()
+    if todo:
+        mine = todo[distributed.rank() :: distributed.world_size()]
+        _extract(teacher, source, recipe, directory, manifest, mine, progress)
+        if distributed.active():
+            for part in distributed.all_gather_objects({i: manifest.shards[i] for i in mine}):
+                manifest.shards.update(part)
+            with distributed.main_first() as main:
+                if main:
+                    manifest.save(directory)
+    return _load(directory, manifest)
+
+
+def _checked_manifest(cache_dir: Path, directory: Path, key: dict[str, str], shape: tuple[int, int, int],
+                      shard_size: int) -> StoreManifest:
+    """The store's manifest with damaged shards dropped, or a new empty one (written)."""
     manifest = _usable_manifest(directory, key, shape)
     if manifest is None:
         near = _nearest(cache_dir, key)
@@ -400,7 +424,4 @@ def open_store(
         directory.mkdir(parents=True, exist_ok=True)
         manifest.save(directory)
     drop_bad_shards(directory, manifest)
-    todo = manifest.missing()
-    if todo:
-        _extract(teacher, source, recipe, directory, manifest, todo, progress)
-    return _load(directory, manifest)
+    return manifest
