@@ -6,6 +6,7 @@ A bad image never stops a run silently: it raises ``BadImageError`` naming the f
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -16,6 +17,13 @@ from torch.utils.data import Dataset as TorchDataset
 from vlmdistill.data.dataset import Record
 from vlmdistill.data.stream import ShardStream, load_member, shard_groups
 from vlmdistill.images import BadImageError, Interpolation, ResizeMode, load_image
+
+
+def _ignore_stop_signals(_: int) -> None:
+    """Workers leave Ctrl-C and SLURM's SIGTERM to the main process, which saves a checkpoint and stops them;
+    a worker dying on the signal first would turn that clean stop into a 'worker exited' error."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 @dataclass
@@ -88,7 +96,8 @@ class ImageSource:
         """Every image, read shard by shard (each worker streams whole shards) and placed at its index."""
         images = torch.zeros(len(self.records), 3, self.base_size, self.base_size, dtype=torch.uint8)
         stream = ShardStream(shard_groups(self.records), self._dataset.__getitem__)
-        for batch, index, ok in DataLoader(stream, batch_size=256, num_workers=self.num_workers):
+        for batch, index, ok in DataLoader(stream, batch_size=256, num_workers=self.num_workers,
+                                                  worker_init_fn=_ignore_stop_signals):
             images[index] = batch
             self.bad.update(index[~ok].tolist())
         return images
@@ -127,7 +136,7 @@ class ImageSource:
         else:
             if self._loader is None:
                 self._loader = DataLoader(self._dataset, batch_sampler=self._sampler, num_workers=self.num_workers,
-                                          persistent_workers=True)
+                                          persistent_workers=True, worker_init_fn=_ignore_stop_signals)
             self._sampler.batches = batches
             loader = self._loader
         for images, index, ok in loader:
