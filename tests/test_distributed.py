@@ -86,3 +86,24 @@ def test_two_processes_match_one_and_resume_in_one(base_overrides: list[str], tm
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k].float(), b[k].float(), rtol=0, atol=WEIGHT_ATOL), (k, (a[k] - b[k]).abs().max())
+
+
+def test_one_process_checkpoint_resumes_in_two_and_fewshot_runs_in_two(base_overrides: list[str]) -> None:
+    common = [*base_overrides, "loss.imcst.weight=1", "train.analysis=false"]
+    full = load_config(None, [*common, "name=full"])
+    distill(full)
+    distill(load_config(None, [*common, "name=half", "train.max_steps=4"]))
+    proc = torchrun(["train", "-", *common, "name=half", "--resume"])
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[:6000]
+    half = full.run_dir.parent / "half"
+    assert read_json(half / "results.json")["complete"] is True
+    a, _ = load_weights(checkpoint_paths(full.run_dir)[0])
+    b, _ = load_weights(checkpoint_paths(half)[0])
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), rtol=0, atol=WEIGHT_ATOL), (k, (a[k] - b[k]).abs().max())
+
+    proc = torchrun(["fewshot", "-", *common, "name=half", "--shots", "2", "fewshot.epochs=1"])
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[:6000]
+    out = read_json(half / "fewshot.json")
+    assert out["finetune"]["ood"]["n_images"] == out["retrieval"]["ood"]["n_images"] > 0
+    assert read_json(half / "fewshot-2shot-finetune" / "results.json")["complete"] is True
