@@ -212,7 +212,12 @@ def fit(task: DistillTask, evaluate: Evaluate, resume: bool = False) -> FitResul
             if batches is None or batch_index == 0:
                 order = pass_batches(cfg, task.train_set, epoch, pass_index)[batch_index:]
                 batches = iter(task.train_set.source.iter_batches([distributed.shard(b) for b in order]))
-            batch = next(batches, None)  # None only when a whole batch was unreadable and skipped
+            try:
+                batch = next(batches, None)  # None only when a whole batch was unreadable and skipped
+            except RuntimeError:  # a loader worker killed by the same SIGTERM: stop here, at this step
+                if stop.signum is None:
+                    raise
+                break
             if batch is None and distributed.active():  # the other ranks still step: take part with no rows
                 batch = _no_rows(task.train_set.source.base_size)
             if batch is not None:

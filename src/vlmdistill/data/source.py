@@ -20,10 +20,10 @@ from vlmdistill.images import BadImageError, Interpolation, ResizeMode, load_ima
 
 
 def _ignore_stop_signals(_: int) -> None:
-    """Workers leave Ctrl-C and SLURM's SIGTERM to the main process, which saves a checkpoint and stops them;
-    a worker dying on the signal first would turn that clean stop into a 'worker exited' error."""
+    """Workers leave Ctrl-C (sent to the whole process group) to the main process, which saves a checkpoint
+    and stops them. SIGTERM keeps its default: torch and multiprocessing stop workers with it, and a worker
+    that SLURM's SIGTERM kills mid-step is handled by the loop as the stop it is."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 @dataclass
