@@ -52,7 +52,8 @@ def _results(task: DistillTask, ws: Workspace, eval_set: EvalSet, fit_result: Fi
     tail = history[-cfg.train.average_last :]
     results.metrics_last_avg = average_metrics(tail) if tail else {}
     results.averaged_over = len(tail)
-    results.data = skipped_images(ws, task.train_set.source, eval_set.id_source, eval_set.ood_source)
+    pool = [task.pool.source] if task.pool is not None else []
+    results.data = skipped_images(ws, task.train_set.source, eval_set.id_source, eval_set.ood_source, *pool)
     results.train = {"steps": fit_result.state.step, "seconds": round(fit_result.seconds, 2),
                      "targets": task.targets.kind}
     return results
