@@ -108,9 +108,11 @@ def teacher_features(cfg: ExperimentConfig, ws: Workspace, source: ImageSource) 
 
 
 def skipped_images(ws: Workspace, *sources: ImageSource) -> dict[str, Any]:
-    """Unreadable images met so far in the workspace's splits and ``sources`` (only with skip_bad_images)."""
+    """Unreadable images met so far in the workspace's splits and ``sources`` (only with skip_bad_images); under
+    DDP those every rank met in its slices."""
     unique = {id(x): x for x in (ws.train, ws.id_val, ws.ood_val, *sources)}.values()
-    keys = sorted({k for src in unique for k in src.bad_keys} | set(ws.dataset.missing))
+    met = {k for src in unique for k in src.bad_keys}
+    keys = sorted(set().union(*distributed.all_gather_objects(met)) | set(ws.dataset.missing))
     return {"skipped_images": len(keys), "skipped": keys}
 
 
