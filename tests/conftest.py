@@ -136,3 +136,19 @@ def hf_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tok.save_pretrained(d)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(d)
     return d
+
+
+@pytest.fixture(scope="session")
+def run(tmp_path_factory: pytest.TempPathFactory, prepared: Path, open_clip_teacher_files: tuple[Path, Path]) -> Path:
+    """One tiny trained run (timm ResNet-10-T, one epoch), shared by the export, predict and load tests."""
+    from _tiny_run import tiny_run
+
+    return tiny_run(tmp_path_factory.mktemp("tiny-run"), prepared, open_clip_teacher_files)
+
+
+@pytest.fixture(scope="session")
+def model_dir(run: Path) -> Path:
+    """The tiny run exported with ``--open-clip``."""
+    from _tiny_run import exported
+
+    return exported(run)

@@ -11,7 +11,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from _tiny_run import exported, fake_run, tiny_run
+from _tiny_run import fake_run
 from vlmdistill.api import ClosedSetError, load
 from vlmdistill.checkpoint import load_weights
 from vlmdistill.cli import app
@@ -19,16 +19,6 @@ from vlmdistill.config import StudentConfig
 from vlmdistill.export import ExportError, export_model
 from vlmdistill.io import load_tensors
 from vlmdistill.students import create_student
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory, prepared: Path, open_clip_teacher_files: tuple[Path, Path]) -> Path:
-    return tiny_run(tmp_path_factory.mktemp("export"), prepared, open_clip_teacher_files)
-
-
-@pytest.fixture(scope="module")
-def model_dir(run: Path) -> Path:
-    return exported(run)
 
 
 def png_paths(raw_images: Path, n: int = 12) -> list[Path]:

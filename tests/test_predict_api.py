@@ -14,22 +14,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import vlmdistill
-from _tiny_run import exported, tiny_run
 from vlmdistill.api import TextTowerError, load
 from vlmdistill.cli import app
 from vlmdistill.config import load_config
 from vlmdistill.data.dataset import open_dataset
 from vlmdistill.predict import predict
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory, prepared: Path, open_clip_teacher_files: tuple[Path, Path]) -> Path:
-    return tiny_run(tmp_path_factory.mktemp("predict"), prepared, open_clip_teacher_files)
-
-
-@pytest.fixture(scope="module")
-def model_dir(run: Path) -> Path:
-    return exported(run)
 
 
 @pytest.fixture
