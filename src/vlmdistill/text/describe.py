@@ -32,7 +32,8 @@ from email.utils import parsedate_to_datetime
 from pathlib import Path
 
 from vlmdistill.errors import VlmdistillError
-from vlmdistill.io import append_line, atomic_write_text, end_last_line
+from vlmdistill.io import atomic_write_text
+from vlmdistill.text.answer_cache import AnswerCache
 
 log = logging.getLogger(__name__)
 
@@ -266,45 +267,6 @@ class _Asker:
         return base + random.uniform(0.0, 0.1 * max(base, self.backoff_s))
 
 
-class _AnswerCache:
-    """Append-only JSONL of answers keyed by (name, prompt_id, model), tolerant of a run killed mid-write."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def load(self, prompt_id: str, model: str) -> dict[str, str]:
-        if not self.path.exists():
-            return {}
-        found: dict[str, str] = {}
-        for number, line in enumerate(self.path.read_bytes().splitlines(), 1):
-            record = _parse_record(line)
-            if record is None:
-                if line.strip():
-                    log.warning("ignoring unreadable line %d of %s (left by a killed run?)", number, self.path)
-                continue
-            if record["prompt_id"] == prompt_id and record["model"] == model:
-                found[record["name"]] = record["description"]
-        return found
-
-    def repair(self) -> None:
-        """Drop a partial last line (or end a whole one), so new records start on their own line."""
-        end_last_line(self.path, lambda line: _parse_record(line) is not None)
-
-    def add(self, record: dict[str, str]) -> None:
-        append_line(self.path, json.dumps(record, ensure_ascii=False))
-
-
-def _parse_record(line: bytes) -> dict[str, str] | None:
-    try:
-        record = json.loads(line)
-    except ValueError:
-        return None
-    keys = ("name", "prompt_id", "model", "description")
-    if not isinstance(record, dict) or not all(isinstance(record.get(key), str) for key in keys):
-        return None
-    return record
-
-
 def describe_classes(
     names: list[str],
     endpoint: LLMEndpoint,
@@ -330,7 +292,7 @@ def describe_classes(
         raise DescribeError(f"concurrency must be at least 1, got {concurrency}")
     prompt_id, instruction = resolve_prompt(prompt)
     unique = list(dict.fromkeys(names))
-    cache = _AnswerCache(Path(cache_path))
+    cache = AnswerCache(Path(cache_path))
     cached = cache.load(prompt_id, endpoint.model)
     found = {name: cached[name] for name in unique if name in cached}
     todo = [name for name in unique if name not in found]
