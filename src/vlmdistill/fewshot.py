@@ -78,12 +78,14 @@ def fewshot_sets(cfg: ExperimentConfig, ws: Workspace, support: list[int]) -> tu
     return train, evals
 
 
-def fewshot_config(cfg: ExperimentConfig, from_run: Path, method: str) -> ExperimentConfig:
-    f = cfg.fewshot
-    optim = cfg.optim.model_copy(update={"lr": f.lr, "epochs": f.epochs, "schedule": "onecycle",
-                                         "repeat_epochs": f.repeat_epochs or cfg.optim.repeat_epochs})
+def fewshot_config(base: ExperimentConfig, from_run: Path, method: str) -> ExperimentConfig:
+    """The distilled run's config with the few-shot schedule (OneCycle at ``fewshot.lr``), writing into
+    ``<from_run>/fewshot-<K>shot-<method>``."""
+    f = base.fewshot
+    optim = base.optim.model_copy(update={"lr": f.lr, "epochs": f.epochs, "schedule": "onecycle",
+                                          "repeat_epochs": f.repeat_epochs or base.optim.repeat_epochs})
     name = f"fewshot-{f.shots}shot-{method}"
-    return cfg.model_copy(update={"optim": optim, "output_dir": Path(from_run), "name": name})
+    return base.model_copy(update={"optim": optim, "output_dir": Path(from_run), "name": name})
 
 
 def finetune(

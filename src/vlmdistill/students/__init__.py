@@ -63,41 +63,42 @@ def _replace_torchvision_head(model: nn.Module, out_dim: int) -> None:
         setattr(parent, child, new)
 
 
-def create_student(cfg: StudentConfig, out_dim: int) -> Student:
+def create_student(config: StudentConfig, out_dim: int) -> Student:
     """``out_dim`` is the teacher's embed_dim (or the number of classes for the closed-set baseline)."""
-    arch = cfg.arch
+    arch = config.arch
     if arch.startswith("tv:"):
         name = arch[3:]
         if name not in torchvision.models.list_models():
             raise StudentBuildError(f"torchvision has no model {name!r}; see torchvision.models.list_models()")
-        kwargs = dict(cfg.model_kwargs)
+        kwargs = dict(config.model_kwargs)
         if name.startswith("vit_"):
-            kwargs.setdefault("image_size", cfg.image_size)
+            kwargs.setdefault("image_size", config.image_size)
         try:
-            if cfg.pretrained:
+            if config.pretrained:
                 net = torchvision.models.get_model(name, weights="DEFAULT", **kwargs)
                 _replace_torchvision_head(net, out_dim)
             else:
                 net = torchvision.models.get_model(name, weights=None, num_classes=out_dim, **kwargs)
         except Exception as err:
             raise StudentBuildError(f"could not build torchvision {name!r}: {err}") from err
-        spec = StudentSpec(id=f"{arch}{'@pretrained' if cfg.pretrained else ''}", mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        spec = StudentSpec(id=f"{arch}{'@pretrained' if config.pretrained else ''}", mean=IMAGENET_MEAN,
+                           std=IMAGENET_STD)
         return Student(net, spec, out_dim)
     if not timm.is_model(arch):
         raise StudentBuildError(f"timm has no model {arch!r}; see timm.list_models() or use tv:<name>")
-    kwargs = dict(cfg.model_kwargs)
-    if cfg.drop_path:
-        kwargs["drop_path_rate"] = cfg.drop_path
+    kwargs = dict(config.model_kwargs)
+    if config.drop_path:
+        kwargs["drop_path_rate"] = config.drop_path
     try:
-        net = timm.create_model(arch, pretrained=cfg.pretrained, num_classes=out_dim, **kwargs)
+        net = timm.create_model(arch, pretrained=config.pretrained, num_classes=out_dim, **kwargs)
     except Exception as err:
         raise StudentBuildError(
-            f"could not build timm {arch!r} (pretrained={cfg.pretrained}): {err}. Pretrained weights need "
+            f"could not build timm {arch!r} (pretrained={config.pretrained}): {err}. Pretrained weights need "
             "network access or a local Hugging Face cache"
         ) from err
     pcfg = getattr(net, "pretrained_cfg", {}) or {}
     spec = StudentSpec(
-        id=f"timm:{arch}{'@pretrained' if cfg.pretrained else ''}",
+        id=f"timm:{arch}{'@pretrained' if config.pretrained else ''}",
         mean=tuple(pcfg.get("mean", IMAGENET_MEAN)),
         std=tuple(pcfg.get("std", IMAGENET_STD)),
     )

@@ -25,11 +25,11 @@ def _state_digest(model: torch.nn.Module) -> str:
 
 
 class OpenClipTeacher(Teacher):
-    def __init__(self, cfg: TeacherConfig) -> None:
-        name = cfg.name
+    def __init__(self, config: TeacherConfig) -> None:
+        name = config.name
         config_digest = ""
-        if cfg.model_config_path is not None:
-            path = Path(cfg.model_config_path)
+        if config.model_config_path is not None:
+            path = Path(config.model_config_path)
             if not path.is_file():
                 raise TeacherLoadError(f"teacher.model_config {path} does not exist")
             try:
@@ -43,8 +43,8 @@ class OpenClipTeacher(Teacher):
             raise TeacherLoadError(
                 f"open_clip has no model {name!r}; see open_clip.list_models() or give teacher.model_config"
             )
-        pretrained, weights = self._weights(cfg)
-        device = resolve_device(cfg.device)
+        pretrained, weights = self._weights(config)
+        device = resolve_device(config.device)
         try:
             model = open_clip.create_model(name, pretrained=pretrained, device="cpu")
         except Exception as err:
@@ -53,8 +53,8 @@ class OpenClipTeacher(Teacher):
                 "Without network access the weights must already be in the Hugging Face cache "
                 "(run once online), or point teacher.checkpoint at a local file"
             ) from err
-        super().__init__(model, device, cfg.precision, cfg.batch_size)
-        pre = open_clip.get_model_preprocess_cfg(model)
+        super().__init__(model, device, config.precision, config.batch_size)
+        pre = open_clip.get_model_preprocess_cfg(self.model)
         size = pre.get("size", 224)
         self.image_size = int(size if isinstance(size, int) else size[0])
         self.mean = tuple(float(v) for v in pre.get("mean", open_clip.OPENAI_DATASET_MEAN))
@@ -73,21 +73,21 @@ class OpenClipTeacher(Teacher):
         self.description = f"open_clip {name} ({weights})"
 
     @staticmethod
-    def _weights(cfg: TeacherConfig) -> tuple[str | None, str]:
+    def _weights(config: TeacherConfig) -> tuple[str | None, str]:
         """What open_clip loads, and the string that identifies those weights in cache keys."""
-        if cfg.checkpoint is not None:
-            path = Path(cfg.checkpoint)
+        if config.checkpoint is not None:
+            path = Path(config.checkpoint)
             if not path.is_file():
                 raise TeacherLoadError(f"teacher.checkpoint {path} does not exist")
             return str(path), "sha256:" + sha256_file(path)
-        if cfg.pretrained in (None, "", "random"):
-            if cfg.pretrained != "random":
+        if config.pretrained in (None, "", "random"):
+            if config.pretrained != "random":
                 raise TeacherLoadError(
                     "the teacher has no weights: set teacher.pretrained (e.g. openai) or teacher.checkpoint; "
                     "teacher.pretrained=random builds random weights, for tests only"
                 )
             return None, "random"
-        return cfg.pretrained, f"tag:{cfg.pretrained}"
+        return config.pretrained, f"tag:{config.pretrained}"
 
     def _encode_images(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.encode_image(x)
