@@ -43,3 +43,15 @@ def test_compare_writes_the_whole_table_to_stdout(tmp_path: Path) -> None:
     for i in range(3):
         assert f"a-rather-long-run-name-to-overflow-eighty-columns-{i}" in out
     assert max(len(line) for line in out.splitlines()) > 120
+
+
+def test_config_show_prints_every_resolved_key() -> None:
+    import yaml
+
+    res = CliRunner().invoke(app, ["config", "show", "-", "mode=paper", "optim.lr=0.01"])
+    assert res.exit_code == 0, res.output
+    shown = yaml.safe_load(res.stdout)
+    assert shown["optim"]["lr"] == 0.01 and shown["data"]["resize"] == "squash"  # override and paper mode
+    assert shown["train"]["average_last"] == 5 and "eval_every" in shown["train"]  # defaults too
+    res = CliRunner().invoke(app, ["config", "show", "-", "optim.nope=1"])
+    assert res.exit_code == 2 and "optim.nope" in res.output
