@@ -61,7 +61,8 @@ class DataConfig(_Strict):
 
     ``unlabeled``: a pool of unlabelled images (folder, list file or CSV with a ``path`` column; default: the
     pool ``prepare --unlabeled`` recorded) for the label-free terms, ``unlabeled_ratio`` pool images per
-    labelled image in each batch (0: no pool)."""
+    labelled image in each batch (0: no pool). ``decode``: ``cpu`` decodes in loader workers with PIL; ``device``
+    has the workers read JPEG bytes and decodes them on the training device (``data/device_decode.py``)."""
 
     dir: Path = Path("data")
     base_size: Annotated[int, Field(ge=8)] = 256
@@ -73,6 +74,7 @@ class DataConfig(_Strict):
     eval_crop: Fraction = 0.875
     teacher_eval_view: Literal["center", "whole"] = "center"
     interpolation: Literal["bicubic", "bilinear"] = "bicubic"
+    decode: Literal["cpu", "device"] = "cpu"
     num_workers: NonNegativeInt = 2
     preload: bool = False
     skip_bad_images: bool = False

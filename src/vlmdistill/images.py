@@ -88,6 +88,19 @@ def decode_image(data: bytes, name: str, base_size: int, resize: ResizeMode, int
     return _decode(BytesIO(data), Path(name), base_size, resize, interpolation)
 
 
+def is_plain_jpeg(data: bytes) -> bool:
+    """True for 8-bit RGB or grey JPEG bytes within the pixel limit (read from the header only): what
+    ``torchvision.io.decode_jpeg`` reads as PIL does. Anything else (PNG, CMYK JPEG, unreadable bytes) is left to
+    ``decode_image``, so its pixels and its ``BadImageError`` stay exactly this module's."""
+    try:
+        with Image.open(BytesIO(data)) as im:
+            _check_pixels(im)
+            return im.format == "JPEG" and im.mode in ("RGB", "L")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning):
+        return False
+
+
 def _decode(source: Path | BytesIO, path: Path, base_size: int, resize: ResizeMode, interpolation: Interpolation
             ) -> torch.Tensor:
     try:

@@ -17,6 +17,7 @@ from vlmdistill.data.dataset import Dataset, Split, open_dataset
 from vlmdistill.data.pool import check_disjoint, read_pool, recorded_pool, split_files
 from vlmdistill.data.source import ImageSource
 from vlmdistill.data.views import Views
+from vlmdistill.device import resolve_device
 from vlmdistill.progress import console
 from vlmdistill.teachers import Teacher, load_teacher
 from vlmdistill.text.labels import LabelSpace
@@ -42,6 +43,11 @@ class Workspace:
         return any(source is own for own in (self.train, self.id_val, self.ood_val))
 
 
+def decode_device(cfg: ExperimentConfig) -> torch.device | None:
+    """The device JPEGs are decoded on with ``data.decode=device`` (the training device); None: loader workers."""
+    return resolve_device(cfg.device) if cfg.data.decode == "device" else None
+
+
 def build_workspace(cfg: ExperimentConfig, teacher: Teacher | None = None) -> Workspace:
     d = cfg.data
     dataset = open_dataset(d.dir, cfg.text.descriptions, skip_missing=d.skip_bad_images)
@@ -49,7 +55,7 @@ def build_workspace(cfg: ExperimentConfig, teacher: Teacher | None = None) -> Wo
 
     def source(split: Split) -> ImageSource:
         return ImageSource(split.records, d.base_size, d.resize, d.num_workers, d.skip_bad_images, d.preload,
-                           interpolation=d.interpolation)
+                           interpolation=d.interpolation, decode_device=decode_device(cfg))
 
     return Workspace(dataset, teacher, source(dataset.train), source(dataset.id_val), source(dataset.ood_val))
 
@@ -61,14 +67,14 @@ def unlabeled_source(cfg: ExperimentConfig, ws: Workspace) -> ImageSource | None
     path = d.unlabeled or recorded_pool(ws.dataset.root)
     if path is None or d.unlabeled_ratio == 0:
         return None
-    key = (str(path), d.base_size, d.resize, d.interpolation, d.skip_bad_images, d.preload)
+    key = (str(path), d.base_size, d.resize, d.interpolation, d.skip_bad_images, d.preload, d.decode)
     if key not in ws.pools:
         records, missing = read_pool(path, d.skip_bad_images)
         if missing:
             console.print(f"unlabeled pool {path}: skipped {len(missing)} missing images (first: {missing[0]})")
         check_disjoint([r.path for r in records], split_files(ws.dataset), path)
         ws.pools[key] = ImageSource(records, d.base_size, d.resize, d.num_workers, d.skip_bad_images, d.preload,
-                                    interpolation=d.interpolation)
+                                    interpolation=d.interpolation, decode_device=decode_device(cfg))
     return ws.pools[key]
 
 
