@@ -217,13 +217,16 @@ def demo(
     out: Annotated[Path, typer.Option(help="Runs, report.md, results.json and plots go here.")] = Path("runs/demo"),
     cache_dir: Annotated[Path, typer.Option(help="World, teacher and target caches (reused).")] = Path(
         ".cache/vlmdistill"),
+    pools: Annotated[bool, typer.Option(help="Also train with unlabelled pools of the world: an ID-only control "
+                                             "(4x the train set) and the domain at 1x and 4x.")] = False,
     overrides: Overrides = None,
 ) -> None:
     """The whole method offline on a generated world: teacher, distilled variants, 5-shot, report."""
     from vlmdistill.demo.report import findings, rich_summary
-    from vlmdistill.demo.run import run_demo
+    from vlmdistill.demo.run import POOL_ROWS, ROWS, run_demo
 
-    summary = _run(run_demo, out, cache_dir, quick=quick, seeds=seeds, overrides=overrides or [])
+    rows = (*ROWS, *POOL_ROWS) if pools else ROWS
+    summary = _run(run_demo, out, cache_dir, quick=quick, seeds=seeds, overrides=overrides or [], rows=rows)
     out_console.print(rich_summary(summary))
     for claim, ok, detail in findings(summary):
         console.print(f"{'[green]yes[/]' if ok else '[red]no[/]'}  {claim}: {detail}")
