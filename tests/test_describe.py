@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -251,6 +252,7 @@ def test_api_key_echoed_by_the_server_is_never_shown_or_written(
     fake: FakeLLM, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     key = "sk-secret-0123456789"
+    caplog.set_level(logging.DEBUG, logger="vlmdistill")
     monkeypatch.setenv("OPENAI_API_KEY", key)
     fake.script["goldfish"] = Reply(status=400, echo_auth=True)
     fake.script["daisy"] = Reply(status=500, echo_auth=True)
@@ -391,3 +393,19 @@ def test_write_chatgpt_txt_is_line_aligned_and_refuses_gaps(tmp_path: Path) -> N
     with pytest.raises(ValueError, match=r"2 of 3 classes: 'c', 'd'"):
         write_chatgpt_txt(["a", "c", "d"], {"a": "About a.", "d": "  "}, tmp_path / "other.txt")
     assert not (tmp_path / "other.txt").exists()
+
+
+def test_cli_prints_one_line_per_failed_class(fake: FakeLLM, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from vlmdistill.cli import app
+
+    monkeypatch.setenv("OPENAI_API_KEY", "k")
+    fake.script["goldfish"] = Reply(status=400)
+    labels = tmp_path / "names.txt"
+    labels.write_text("\n".join(NAMES) + "\n")
+    res = CliRunner().invoke(app, ["describe", str(labels), "--out", str(tmp_path / "d.json"), "--base-url",
+                                   fake.base_url, "--model", "fake-model", "--retries", "1"])
+    assert res.exit_code == 1
+    lines = [line for line in res.output.splitlines() if "goldfish" in line]
+    assert len(lines) == 1 and lines[0].startswith("failed goldfish"), res.output

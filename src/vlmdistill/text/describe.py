@@ -304,7 +304,7 @@ def describe_classes(
             for done, outcome in enumerate(outcomes, len(found) + 1):
                 result.requests_made += outcome.attempts
                 if outcome.description is None:
-                    log.warning("no description for %r: %s", outcome.name, outcome.error)
+                    log.info("no description for %r: %s", outcome.name, outcome.error)
                     result.failed[outcome.name] = outcome.error or "unknown error"
                 else:
                     found[outcome.name] = outcome.description
