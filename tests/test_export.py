@@ -31,7 +31,7 @@ def test_model_folder_is_self_contained(run: Path, model_dir: Path) -> None:
     assert m["format"] == "vlmdistill-model/1"
     assert m["student"]["arch"] == "resnet10t" and m["student"]["out_dim"] == 32
     assert m["preprocessing"]["transform"] == {"base_size": 40, "resize": "center_crop", "eval_crop": 0.875,
-                                                "image_size": 32}
+                                                "image_size": 32, "interpolation": "bicubic"}
     assert len(m["preprocessing"]["mean"]) == len(m["preprocessing"]["std"]) == 3
     assert m["teacher"]["id"] == results["teacher"]["id"]
     assert m["text"]["template"] == "a photo of {name}"

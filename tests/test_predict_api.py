@@ -121,3 +121,20 @@ def test_cli_predict_jsonl_and_csv(model_dir: Path, folder: Path, tmp_path: Path
     rows = out.read_text().splitlines()
     assert rows[0] == "path,label_1,score_1,label_2,score_2,error" and len(rows) == 6
     assert sum(1 for r in rows[1:] if r.endswith(",")) == 4
+
+
+def test_transform_decodes_a_pil_image_as_the_toolkit_does(tmp_path: Path) -> None:
+    """The run's interpolation (bilinear in paper mode) and the 16-bit scaling apply to PIL images too."""
+    import numpy as np
+
+    from vlmdistill.api import Transform
+    from vlmdistill.images import load_image
+
+    deep = Image.fromarray(np.full((20, 30), 32768, dtype=np.uint16))
+    deep.save(tmp_path / "deep.png")
+    colour = Image.fromarray(np.random.default_rng(0).integers(0, 255, (21, 33, 3), dtype=np.uint8))
+    colour.save(tmp_path / "colour.png")
+    t = Transform(base_size=16, resize="squash", eval_crop=1.0, image_size=16, interpolation="bilinear")
+    for name, im in (("deep.png", Image.open(tmp_path / "deep.png")), ("colour.png", colour)):
+        assert torch.equal(t.base(im), load_image(tmp_path / name, 16, "squash", "bilinear")), name
+    assert int(t.base(Image.open(tmp_path / "deep.png")).float().mean()) == 128

@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -23,7 +22,7 @@ from vlmdistill.checkpoint import checkpoint_paths, load_weights, prompt_path
 from vlmdistill.config import ExperimentConfig, load_config
 from vlmdistill.data.views import Views, render
 from vlmdistill.errors import VlmdistillError
-from vlmdistill.images import load_image
+from vlmdistill.images import Interpolation, ResizeMode, fit_image, load_image
 from vlmdistill.io import load_tensors, read_json
 from vlmdistill.students import Student, create_student
 
@@ -60,30 +59,21 @@ class Transform:
     ``image_size`` (torchvision ``roi_align``, aligned), pixels in [0, 1]. The student normalises itself."""
 
     base_size: int
-    resize: str
+    resize: ResizeMode
     eval_crop: float
     image_size: int
+    interpolation: Interpolation = "bicubic"
 
     @classmethod
     def from_config(cls, cfg: ExperimentConfig) -> Transform:
         d = cfg.data
-        return cls(d.base_size, d.resize, d.eval_crop, cfg.student.image_size)
+        return cls(d.base_size, d.resize, d.eval_crop, cfg.student.image_size, d.interpolation)
 
     def base(self, image: Image.Image | str | Path) -> torch.Tensor:
-        """uint8 [3, base, base]; a path is decoded by ``images.load_image`` (its errors name the file)."""
+        """uint8 [3, base, base], decoded as every reader of the toolkit decodes (a path's errors name the file)."""
         if not isinstance(image, Image.Image):
-            return load_image(Path(image), self.base_size, self.resize)  # type: ignore[arg-type]
-        im, s = image.convert("RGB"), self.base_size
-        if self.resize == "squash":
-            im = im.resize((s, s), Image.Resampling.BICUBIC)
-        else:
-            w, h = im.size
-            scale = s / min(w, h)
-            nw, nh = max(s, round(w * scale)), max(s, round(h * scale))
-            im = im.resize((nw, nh), Image.Resampling.BICUBIC)
-            left, top = (nw - s) // 2, (nh - s) // 2
-            im = im.crop((left, top, left + s, top + s))
-        return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+            return load_image(Path(image), self.base_size, self.resize, self.interpolation)
+        return fit_image(image, self.base_size, self.resize, self.interpolation)
 
     def __call__(self, image: Image.Image | str | Path) -> torch.Tensor:
         """float [3, image_size, image_size] in [0, 1]."""

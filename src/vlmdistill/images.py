@@ -101,16 +101,23 @@ def is_plain_jpeg(data: bytes) -> bool:
         return False
 
 
+def fit_image(im: Image.Image, base_size: int, resize: ResizeMode, interpolation: Interpolation = "bicubic"
+              ) -> torch.Tensor:
+    """An opened image as every reader decodes it: 8-bit RGB (deep images scaled), ``base_size`` square,
+    uint8 [3, S, S]."""
+    arr = np.asarray(_fit(_to_rgb(im), base_size, resize, interpolation), dtype=np.uint8).copy()
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
 def _decode(source: Path | BytesIO, path: Path, base_size: int, resize: ResizeMode, interpolation: Interpolation
             ) -> torch.Tensor:
     try:
         with Image.open(source) as im:
             _check_pixels(im)
-            arr = np.asarray(_fit(_to_rgb(im), base_size, resize, interpolation), dtype=np.uint8).copy()
+            return fit_image(im, base_size, resize, interpolation)
     except FileNotFoundError as err:
         raise BadImageError(path, "file not found") from err
     except Image.DecompressionBombError as err:
         raise BadImageError(path, f"{err}") from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as err:
         raise BadImageError(path, f"{type(err).__name__}: {err}") from err
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
