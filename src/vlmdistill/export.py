@@ -9,6 +9,7 @@ is a complete one.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import tempfile
@@ -35,7 +36,7 @@ from vlmdistill.api import (
 )
 from vlmdistill.config import ExperimentConfig, load_config
 from vlmdistill.errors import VlmdistillError
-from vlmdistill.io import atomic_save_tensors, atomic_write_json, atomic_write_text, read_json
+from vlmdistill.io import atomic_save_tensors, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 from vlmdistill.students import Student, count_parameters
 
 ONNX_OPSET = 17
@@ -60,23 +61,19 @@ class OnnxHead(nn.Module):
 
 
 def write_onnx(model: DistilledModel, classes: torch.Tensor, path: Path) -> float:
-    """Export to ``path`` (temp file + rename) and return onnxruntime's max abs difference from PyTorch."""
+    """Export to ``path`` (through ``io``'s atomic writer) and return onnxruntime's max abs difference from
+    PyTorch."""
     import onnxruntime as ort
 
     head = OnnxHead(model.student, classes.to(model.device), model.logit_scale).cpu().eval()
     s = model.transform.image_size
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(head, (torch.rand(1, 3, s, s),), tmp, dynamo=False, opset_version=ONNX_OPSET,
-                              input_names=["pixels"], output_names=["embedding", "logits"],
-                              dynamic_axes={"pixels": {0: "batch"}, "embedding": {0: "batch"}, "logits": {0: "batch"}})
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(head, (torch.rand(1, 3, s, s),), buffer, dynamo=False, opset_version=ONNX_OPSET,
+                          input_names=["pixels"], output_names=["embedding", "logits"],
+                          dynamic_axes={"pixels": {0: "batch"}, "embedding": {0: "batch"}, "logits": {0: "batch"}})
+    atomic_write_bytes(path, buffer.getvalue())
     pixels = torch.rand(4, 3, s, s, generator=torch.Generator().manual_seed(0))
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run(None, {"pixels": pixels.numpy()})
