@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 
+from vlmdistill.io import atomic_save_figure
+
 __all__ = [
     "analysis_metrics",
     "feature_gap",
@@ -220,7 +222,6 @@ def plot_text_spectra(spectra: Mapping[str, torch.Tensor], path: Path) -> None:
     if not spectra:
         raise ValueError("no spectra to plot")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig = Figure(figsize=(6, 4), layout="constrained")
     ax = fig.add_subplot()
     for name, values in spectra.items():
@@ -231,4 +232,4 @@ def plot_text_spectra(spectra: Mapping[str, torch.Tensor], path: Path) -> None:
     ax.set_title("Text embedding spectrum")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.savefig(path, format="png", dpi=120)
+    atomic_save_figure(path, fig, dpi=120)

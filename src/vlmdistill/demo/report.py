@@ -17,18 +17,14 @@ from rich.table import Table
 from vlmdistill.io import atomic_save_figure, atomic_write_text
 from vlmdistill.results import METRICS
 
-COLUMNS = (
-    ("id", "ID"),
-    ("ood", "OOD 0-shot"),
-    ("ood_5shot_finetune", "OOD 5-shot ft"),
-    ("ood_5shot_retrieval", "OOD 5-shot Tip"),
-    ("gzsl_h", "GZSL H"),
-    ("m_rel_train", "M_rel train"),
-    ("m_rel_ood", "M_rel OOD"),
-    ("m_neigh5_ood", "M_neigh@5 OOD"),
-    ("m_vlalign3_ood", "M_vlalign@3 OOD"),
-    ("mse_ood", "MSE OOD"),
-)
+COLUMNS = ("id", "ood", "ood_5shot_finetune", "ood_5shot_retrieval", "gzsl_h", "m_rel_train", "m_rel_ood",
+           "m_neigh5_ood", "m_vlalign3_ood", "mse_ood")
+"""Keys of ``results.METRICS``; the demo's few-shot is always 5-shot, so those two columns say so."""
+_LABELS = {"ood_5shot_finetune": "OOD 5-shot ft", "ood_5shot_retrieval": "OOD 5-shot Tip"}
+
+
+def _label(key: str) -> str:
+    return _LABELS.get(key, METRICS[key].label)
 
 
 def _cell(key: str, stats: dict[str, Any] | None, seeds: int) -> str:
@@ -40,10 +36,10 @@ def _cell(key: str, stats: dict[str, Any] | None, seeds: int) -> str:
 
 
 def table_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    header = ["variant", *[name for _, name in COLUMNS]]
+    header = ["variant", *[_label(k) for k in COLUMNS]]
     rows = []
     for row in summary["rows"].values():
-        rows.append([row["label"], *[_cell(k, row["metrics"].get(k), summary["seeds"]) for k, _ in COLUMNS]])
+        rows.append([row["label"], *[_cell(k, row["metrics"].get(k), summary["seeds"]) for k in COLUMNS]])
     return header, rows
 
 
@@ -52,11 +48,10 @@ SCREEN_COLUMNS = ("id", "ood", "ood_5shot_finetune", "ood_5shot_retrieval", "gzs
 
 def rich_summary(summary: dict[str, Any]) -> Table:
     """The headline columns only (report.md has them all), so the table fits a terminal."""
-    names = dict(COLUMNS)
     table = Table(title=f"demo world, {summary['seeds']} seed(s), mean per-class accuracy %")
     table.add_column("variant", overflow="fold")
     for key in SCREEN_COLUMNS:
-        table.add_column(names[key], justify="right")
+        table.add_column(_label(key), justify="right")
     for row in summary["rows"].values():
         table.add_row(row["label"], *[_cell(k, row["metrics"].get(k), summary["seeds"]) for k in SCREEN_COLUMNS])
     return table
@@ -106,8 +101,7 @@ def plot_ood_by_variant(summary: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("mean per-class accuracy (%)")
     ax.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    atomic_save_figure(path, fig, dpi=120)
 
 
 PoolPoint = tuple[float, float, float]
@@ -144,7 +138,7 @@ def plot_training_curves(histories: dict[str, list[dict[str, Any]]], path: Path)
     ax.set_ylabel("OOD 0-shot mean per-class accuracy (%)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_save_figure(path, fig, dpi=120)
 
 
 def plot_embeddings(teacher: torch.Tensor, students: dict[str, torch.Tensor], labels: torch.Tensor,
@@ -167,7 +161,7 @@ def plot_embeddings(teacher: torch.Tensor, students: dict[str, torch.Tensor], la
             ax.scatter(ps[m, 0], ps[m, 1], marker="o", color=cmap(c), s=10, alpha=0.6)
         ax.set_title(f"{name}: teacher x, student o", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_save_figure(path, fig, dpi=120)
 
 
 def write_report(summary: dict[str, Any], out: Path) -> None:
