@@ -38,6 +38,7 @@ class Workspace:
     ood_val: ImageSource
     teacher_features: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     pools: dict[tuple, ImageSource] = field(default_factory=dict)
+    text_embeddings: dict[tuple[str, ...], torch.Tensor] = field(default_factory=dict)
 
     def owns(self, source: ImageSource) -> bool:
         return any(source is own for own in (self.train, self.id_val, self.ood_val))
@@ -85,10 +86,16 @@ def class_prompts(cfg: ExperimentConfig, space: LabelSpace) -> list[str]:
 
 
 def class_text_embeddings(cfg: ExperimentConfig, ws: Workspace) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unit-norm teacher text embeddings of the ID and the OOD class prompts (cached on disk)."""
-    d = ws.dataset
-    return (embed_texts(ws.teacher, class_prompts(cfg, d.id_space), cfg.cache_dir),
-            embed_texts(ws.teacher, class_prompts(cfg, d.ood_space), cfg.cache_dir))
+    """Unit-norm teacher text embeddings of the ID and the OOD class prompts (cached on disk, and in the
+    workspace: every run of a sweep and every job of a run asks for them)."""
+
+    def embedded(space: LabelSpace) -> torch.Tensor:
+        prompts = tuple(class_prompts(cfg, space))
+        if prompts not in ws.text_embeddings:
+            ws.text_embeddings[prompts] = embed_texts(ws.teacher, list(prompts), cfg.cache_dir)
+        return ws.text_embeddings[prompts]
+
+    return embedded(ws.dataset.id_space), embedded(ws.dataset.ood_space)
 
 
 @dataclass
