@@ -3,21 +3,29 @@
 Every term takes the same ``LossInputs`` and returns a scalar. ``Objective`` sums the enabled terms
 with their config weights and returns the named values, so logs and ablations see each term.
 
-Each term class says whether it ``needs_labels``. A batch may hold unlabelled pool rows (``labelled`` mask):
-terms that need labels see only the labelled rows; the label-free ones see the rows ``loss.<term>.on``
-selects (labelled, pool or both; both by default).
+A term is one ``Term`` subclass registered under its ``LossConfig`` field (``class KdLoss(Term, key="kd")``)
+that declares what it ``needs``: labels, teacher targets, class texts, captions. Everything else derives
+from the declarations: whether targets are fetched, which rows a term sees, and the config checks
+(``check_loss_config``). A new term is one class here and one field in ``LossConfig``.
+
+A batch may hold unlabelled pool rows (``labelled`` mask): terms that need labels see only the labelled
+rows; the label-free ones see the rows ``loss.<term>.on`` selects (labelled, pool or both; both by default).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmdistill.config import ConfigError, LossConfig
+from vlmdistill.config import ConfigError, LossConfig, LossTerm
+
+Need = Literal["labels", "teacher", "texts", "captions"]
+TERMS: dict[str, type[Term]] = {}
+"""Every registered term by its ``LossConfig`` field name, in registration order."""
 
 
 @dataclass
@@ -43,39 +51,68 @@ class LossInputs:
         return replace(self, **picked)
 
 
-class ClsLoss(nn.Module):
+class Term(nn.Module):
+    """A loss term: ``needs`` says what its ``LossInputs`` must hold; ``build`` makes it from its config."""
+
+    needs: ClassVar[frozenset[Need]] = frozenset()
+
+    def __init_subclass__(cls, key: str | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if key is not None:
+            TERMS[key] = cls
+
+    @classmethod
+    def build(cls, term: LossTerm, loss: LossConfig) -> Term:
+        return cls()
+
+    @classmethod
+    def requires(cls, term: LossTerm) -> frozenset[Need]:
+        """What this term needs under its config (by default its declaration)."""
+        return cls.needs
+
+
+class ClsLoss(Term, key="cls"):
     """L_cls (eq. 1): cross-entropy over cos(s, w_c) / tau for all training classes."""
 
-    needs_labels = True
+    needs = frozenset({"labels", "texts"})
 
     def __init__(self, temperature: float) -> None:
         super().__init__()
         self.temperature = temperature
 
+    @classmethod
+    def build(cls, term: LossTerm, loss: LossConfig) -> Term:
+        return cls(loss.temperature)
+
     def forward(self, x: LossInputs) -> torch.Tensor:
         return F.cross_entropy(x.s @ x.w.T / self.temperature, x.y)
 
 
-class ClosedSetLoss(nn.Module):
-    """The paper's closed-set baseline: plain CE on a linear head's logits (``s_raw`` are logits)."""
+class ClosedSetLoss(Term):
+    """The paper's closed-set baseline: plain CE on a linear head's logits (``s_raw`` are logits). Not a
+    registered term: ``loss.closed_set`` replaces every term with it."""
 
-    needs_labels = True
+    needs = frozenset({"labels"})
 
     def forward(self, x: LossInputs) -> torch.Tensor:
         return F.cross_entropy(x.s_raw, x.y)
 
 
-class MseLoss(nn.Module):
+class MseLoss(Term, key="mse"):
     """L_mse (eq. 2): mean ||s - t||^2 of unit vectors (= 2 - 2cos, not divided by the dimension).
 
     ``normalized=False`` is the official code's extra variant log(1 + mean ||S(x) - T(x)||^2 / 10).
     """
 
-    needs_labels = False
+    needs = frozenset({"teacher"})
 
     def __init__(self, normalized: bool = True) -> None:
         super().__init__()
         self.normalized = normalized
+
+    @classmethod
+    def build(cls, term: LossTerm, loss: LossConfig) -> Term:
+        return cls(term.normalized)
 
     def forward(self, x: LossInputs) -> torch.Tensor:
         if self.normalized:
@@ -83,15 +120,19 @@ class MseLoss(nn.Module):
         return torch.log1p((x.s_raw - x.t_raw.detach()).pow(2).sum(1).mean() / 10)
 
 
-class ImageContrastiveLoss(nn.Module):
+class ImageContrastiveLoss(Term, key="imcst"):
     """L_im-cst (eq. 3, code form): InfoNCE over M_ij = cos(s_i, t_j) / tau with in-batch negatives."""
 
-    needs_labels = False
+    needs = frozenset({"teacher"})
 
     def __init__(self, temperature: float, mode: str = "bidirectional") -> None:
         super().__init__()
         self.temperature = temperature
         self.mode = mode
+
+    @classmethod
+    def build(cls, term: LossTerm, loss: LossConfig) -> Term:
+        return cls(loss.temperature, term.mode)
 
     def forward(self, x: LossInputs) -> torch.Tensor:
         logits = x.s @ x.t.detach().T / self.temperature
@@ -102,21 +143,29 @@ class ImageContrastiveLoss(nn.Module):
         return loss
 
 
-class VlAlignLoss(nn.Module):
+class VlAlignLoss(Term, key="vlalign"):
     """L_vlalign / L_vlprox (eq. 6): KL(teacher || student) over the teacher's top-k classes.
 
     Images the teacher misclassifies are dropped when ``filter`` is on. A batch where every image is
     dropped gives 0 (with a graph), not the official code's NaN.
     """
 
-    needs_labels = True
+    needs = frozenset({"labels", "teacher", "texts"})
 
     def __init__(self, temperature: float, k: int = 256, filter: bool = True) -> None:
         super().__init__()
         self.temperature = temperature
         self.k = k
         self.filter = filter
-        self.needs_labels = filter  # only the filter compares the teacher's prediction with the label
+
+    @classmethod
+    def build(cls, term: LossTerm, loss: LossConfig) -> Term:
+        return cls(loss.temperature, term.k, term.filter)
+
+    @classmethod
+    def requires(cls, term: LossTerm) -> frozenset[Need]:
+        """Only the filter compares the teacher's prediction with the label."""
+        return cls.needs if term.filter else cls.needs - {"labels"}
 
     def forward(self, x: LossInputs) -> torch.Tensor:
         z = x.s @ x.w.T / self.temperature
@@ -132,15 +181,19 @@ class VlAlignLoss(nn.Module):
         return (log_pt.exp() * (log_pt - log_ps)).sum(1).mean()
 
 
-class LogitKdLoss(nn.Module):
+class LogitKdLoss(Term, key="kd"):
     """Hinton KD on the class distributions: T^2 KL(softmax(u/T) || softmax(z/T)), logits = cos / tau."""
 
-    needs_labels = False
+    needs = frozenset({"teacher", "texts"})
 
     def __init__(self, temperature: float, kd_temperature: float = 1.0) -> None:
         super().__init__()
         self.temperature = temperature
         self.kd_temperature = kd_temperature
+
+    @classmethod
+    def build(cls, term: LossTerm, loss: LossConfig) -> Term:
+        return cls(loss.temperature, term.temperature)
 
     def forward(self, x: LossInputs) -> torch.Tensor:
         scale = self.temperature * self.kd_temperature
@@ -149,18 +202,22 @@ class LogitKdLoss(nn.Module):
         return self.kd_temperature**2 * (log_pt.exp() * (log_pt - log_ps)).sum(1).mean()
 
 
-class CaptionLoss(nn.Module):
+class CaptionLoss(Term, key="cap"):
     """L_cap (eq. 8): each image's student embedding picks its own caption among the batch's captions.
 
     Captions of other images of the same class are masked out (they are not negatives). The official
     code uses no temperature (``temperature=1``); the paper writes /tau.
     """
 
-    needs_labels = True
+    needs = frozenset({"labels", "captions"})
 
     def __init__(self, temperature: float = 1.0) -> None:
         super().__init__()
         self.temperature = temperature
+
+    @classmethod
+    def build(cls, term: LossTerm, loss: LossConfig) -> Term:
+        return cls(term.temperature)
 
     def forward(self, x: LossInputs) -> torch.Tensor:
         logits = x.s @ x.c.detach().T / self.temperature
@@ -174,29 +231,48 @@ Rows = Literal["labelled", "pool", "both"]
 """Where a term runs in a batch that holds unlabelled pool rows."""
 
 
+def enabled_terms(cfg: LossConfig) -> dict[str, tuple[type[Term], LossTerm]]:
+    """The registered terms with a non-zero weight, with their config."""
+    return {k: (term, getattr(cfg, k)) for k, term in TERMS.items() if getattr(cfg, k).weight != 0}
+
+
+def check_loss_config(cfg: LossConfig, captions: bool) -> None:
+    """What the terms' declarations require of a config: at least one term, labelled rows for the terms that
+    need labels, and a captions file for those that need captions (``captions``: one is given)."""
+    if cfg.closed_set:
+        return
+    enabled = enabled_terms(cfg)
+    if not enabled:
+        raise ConfigError(f"every loss weight is 0: enable at least one of loss.{{{','.join(TERMS)}}}")
+    for name, (term, c) in enabled.items():
+        needs = term.requires(c)
+        if "labels" in needs and c.on not in (None, "labelled"):
+            raise ConfigError(f"loss.{name}.on={c.on}: {name} needs labels, so it runs on labelled images only; "
+                              f"drop loss.{name}.on or set it to labelled")
+        if "captions" in needs and not captions:
+            raise ConfigError(f"loss.{name} needs text.captions: a JSONL or CSV file of (path, caption) per "
+                              "training image")
+
+
 class Objective(nn.Module):
-    """Weighted sum of the enabled terms; ``needs_teacher`` tells the trainer whether to fetch targets and
-    ``on_pool`` whether any term runs on unlabelled pool rows (else no pool images are drawn)."""
+    """Weighted sum of the enabled terms. ``needs`` is the union of what they need (``needs_teacher``: fetch
+    targets), and ``on_pool`` whether any term runs on unlabelled pool rows (else no pool images are drawn)."""
 
     def __init__(self, cfg: LossConfig) -> None:
         super().__init__()
-        tau = cfg.temperature
+        check_loss_config(cfg, captions=True)  # the captions file itself is the config's to check
         if cfg.closed_set:
-            terms = {"closed_set": (ClosedSetLoss(), 1.0, None)}
+            terms: dict[str, tuple[Term, float, frozenset[Need], Any]] = {
+                "closed_set": (ClosedSetLoss(), 1.0, ClosedSetLoss.needs, None)}
         else:
-            candidates = {
-                "cls": (ClsLoss(tau), cfg.cls),
-                "mse": (MseLoss(cfg.mse.normalized), cfg.mse),
-                "imcst": (ImageContrastiveLoss(tau, cfg.imcst.mode), cfg.imcst),
-                "vlalign": (VlAlignLoss(tau, cfg.vlalign.k, cfg.vlalign.filter), cfg.vlalign),
-                "kd": (LogitKdLoss(tau, cfg.kd.temperature), cfg.kd),
-                "cap": (CaptionLoss(cfg.cap.temperature), cfg.cap),
-            }
-            terms = {k: (m, c.weight, c.on) for k, (m, c) in candidates.items() if c.weight != 0}
-        self.terms = nn.ModuleDict({k: m for k, (m, _, _) in terms.items()})
-        self.weights = {k: w for k, (_, w, _) in terms.items()}
-        self.where: dict[str, Rows] = {k: _where(k, m, on) for k, (m, _, on) in terms.items()}
-        self.needs_teacher = bool({"mse", "imcst", "vlalign", "kd"} & set(terms))
+            terms = {k: (term.build(c, cfg), c.weight, term.requires(c), c.on)
+                     for k, (term, c) in enabled_terms(cfg).items()}
+        self.terms = nn.ModuleDict({k: m for k, (m, _, _, _) in terms.items()})
+        self.weights = {k: w for k, (_, w, _, _) in terms.items()}
+        self.where: dict[str, Rows] = {k: "labelled" if "labels" in needs else (on or "both")
+                                       for k, (_, _, needs, on) in terms.items()}
+        self.needs: frozenset[Need] = frozenset().union(*(needs for _, _, needs, _ in terms.values()))
+        self.needs_teacher = "teacher" in self.needs
         self.on_pool = any(w != "labelled" for w in self.where.values())
 
     def forward(self, x: LossInputs, labelled: torch.Tensor | None = None
@@ -218,16 +294,6 @@ class Objective(nn.Module):
             total = total + self.weights[name] * value
         named["total"] = total.detach()
         return total, named
-
-
-def _where(name: str, term: nn.Module, on: Rows | None) -> Rows:
-    """The rows a term runs on: labelled only when it needs labels, else ``on`` (default both)."""
-    if not term.needs_labels:
-        return on or "both"
-    if on not in (None, "labelled"):
-        raise ConfigError(f"loss.{name}.on={on}: {name} needs labels, so it runs on labelled images only; "
-                          f"drop loss.{name}.on or set it to labelled")
-    return "labelled"
 
 
 def _rows(where: Rows, labelled: torch.Tensor | None, n: int) -> torch.Tensor | None:
