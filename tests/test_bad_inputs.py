@@ -18,9 +18,9 @@ from PIL import Image
 from conftest import make_class_folders
 from vlmdistill.data import prepare as prepare_mod
 from vlmdistill.data.dataset import DatasetError, Record, open_dataset
+from vlmdistill.data.images import BadImageError, load_image
 from vlmdistill.data.prepare import prepare
 from vlmdistill.data.source import ImageSource
-from vlmdistill.images import BadImageError, load_image
 from vlmdistill.io import sha256_strings
 from vlmdistill.text.labels import LabelFileError, LabelSpace, read_descriptions, read_label_file
 
@@ -61,12 +61,18 @@ def test_float_image_in_unit_range_is_scaled(tmp_path: Path) -> None:
     assert int(out[2, 8, 8]) == 128 and int(out[2, 8, 0]) == 255
 
 
-@pytest.mark.parametrize("mode", ["P", "LA", "CMYK", "L", "RGBA"])
-def test_other_modes_still_decode_to_rgb(tmp_path: Path, mode: str) -> None:
+# (200, 100, 50) as each mode stores it: P snaps to the web palette, L keeps the ITU-R 601 luma 124, CMYK JPEG
+# is lossy (within 3 levels).
+@pytest.mark.parametrize(("mode", "rgb", "tolerance"), [
+    ("P", (204, 102, 51), 0), ("LA", (124, 124, 124), 0), ("CMYK", (200, 100, 50), 3), ("L", (124, 124, 124), 0),
+    ("RGBA", (200, 100, 50), 0)])
+def test_other_modes_decode_to_their_colour_in_rgb(tmp_path: Path, mode: str, rgb: tuple[int, int, int],
+                                                   tolerance: int) -> None:
     path = tmp_path / f"x.{'jpg' if mode == 'CMYK' else 'png'}"
-    Image.new("RGB", (8, 8), (200, 100, 50)).convert(mode).save(path)
+    Image.new("RGB", (8, 8), (200, 100, 50)).convert(mode, dither=Image.Dither.NONE).save(path)
     out = load_image(path, 8, "squash")
     assert out.shape == (3, 8, 8) and out.dtype == torch.uint8
+    assert (out.int() - torch.tensor(rgb).view(3, 1, 1)).abs().max() <= tolerance
 
 
 # ============================================================================== 7: decompression bomb

@@ -12,7 +12,6 @@ import multiprocessing as mp
 import os
 import random
 import re
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -23,15 +22,17 @@ import torch
 from vlmdistill.checkpoint import (
     MANIFEST,
     STATE_J,
+    WEIGHTS,
     CheckpointError,
     LoopState,
-    checkpoint_paths,
     checkpoint_units,
+    current_unit,
     load_checkpoint,
-    load_weights,
+    read_tensor_file,
     save_checkpoint,
     verify_file,
 )
+from vlmdistill.runfolder import RunFolder
 
 _CTX = mp.get_context("forkserver")
 _CTX.set_forkserver_preload(["vlmdistill.cli", "vlmdistill.train", "vlmdistill.evaluate"])
@@ -110,12 +111,12 @@ def _whole_step(run: Path) -> int | None:
         verify_file(unit / name)
     step = json.loads((unit / STATE_J).read_text())["loop"]["step"]
     assert step == manifest["step"] == int(unit.name.split("-")[1])
-    assert load_weights(checkpoint_paths(run)[0])[0]
+    assert RunFolder(run).student().weights
     return step
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
-    return load_weights(checkpoint_paths(run)[0])[0]
+    return RunFolder(run).student().weights
 
 
 def test_sigkill_at_any_moment_leaves_one_whole_checkpoint(opts: list[str], tmp_path: Path) -> None:
@@ -126,14 +127,14 @@ def test_sigkill_at_any_moment_leaves_one_whole_checkpoint(opts: list[str], tmp_
     for i in range(3):
         child = Child([*args, *(["--resume"] if i else [])], tmp_path / f"kill{i}.log")
         if i % 2 == 0:  # the moment a checkpoint folder is being built
-            alive = _wait_for(lambda: any(root.glob(".step-*.tmp-*")), child)
+            alive = _wait_for(lambda: any(root.glob(".step-*.new")), child)
         else:  # a random moment after the next checkpoint
             alive = _wait_for(lambda seen=before: (_step_or_none(run) or -1) > (seen or -1), child)
             time.sleep(rng.uniform(0, 0.3))
         assert alive, f"the run ended before kill {i}: {child.output()}"
         os.kill(child.pid, signal.SIGKILL)
         assert child.wait() == -signal.SIGKILL, child.output()
-        hit_mid_save |= any(root.glob(".step-*.tmp-*"))
+        hit_mid_save |= any(root.glob(".step-*.new"))
         after = _whole_step(run)
         assert (after is None and before is None) or (after or 0) >= (before or 0)
         before = after
@@ -236,11 +237,11 @@ def test_one_flipped_weight_byte_is_refused_and_resume_falls_back(tmp_path: Path
     _save(tmp_path, model, 3)
     first = {k: v.clone() for k, v in model.state_dict().items()}
     _save(tmp_path, model, 6)
-    weights = checkpoint_paths(tmp_path)[0]
+    weights = current_unit(tmp_path) / WEIGHTS
     assert weights.parent.name == "step-000000006"
     _flip_byte(weights, weights.stat().st_size - 3)  # a tensor data byte: the file still parses
     with pytest.raises(CheckpointError, match=rf"{re.escape(str(weights))}.*damaged.*--resume"):
-        load_weights(weights)
+        read_tensor_file(weights)
     step, restored = _restore(tmp_path)
     assert step == 3
     assert all(torch.equal(first[k], v) for k, v in restored.state_dict().items())
@@ -249,7 +250,7 @@ def test_one_flipped_weight_byte_is_refused_and_resume_falls_back(tmp_path: Path
 @pytest.mark.parametrize("damage", ["weights_header", "state_json_truncated", "manifest_truncated"])
 def test_damaged_checkpoint_files_are_one_line_errors(tmp_path: Path, damage: str) -> None:
     _save(tmp_path, torch.nn.Linear(4, 2), 3)
-    unit = checkpoint_paths(tmp_path)[0].parent
+    unit = current_unit(tmp_path)
     if damage == "weights_header":
         _flip_byte(unit / "weights.safetensors", 9)
     elif damage == "state_json_truncated":
@@ -259,26 +260,3 @@ def test_damaged_checkpoint_files_are_one_line_errors(tmp_path: Path, damage: st
     with pytest.raises(CheckpointError) as err:
         _restore(tmp_path)
     assert "\n" not in str(err.value) and "no usable checkpoint" in str(err.value)
-
-
-@pytest.mark.parametrize("damage", ["header", "truncated_state"])
-def test_old_layout_damage_is_a_checkpoint_error(tmp_path: Path, damage: str) -> None:
-    """Run folders of the old layout (no digests) are read unverified, but damage is still one line."""
-    _save(tmp_path, torch.nn.Linear(4, 2), 3)
-    unit = checkpoint_paths(tmp_path)[0].parent
-    root = tmp_path / "checkpoints"
-    for new, old in (("weights.safetensors", "last.safetensors"), ("state.safetensors", "last_state.safetensors"),
-                     (STATE_J, "last_state.json")):
-        (unit / new).rename(root / old)
-    for p in [*root.glob("step-*"), root / "latest.json"]:
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
-    assert checkpoint_paths(tmp_path)[0] == root / "last.safetensors"
-    assert _restore(tmp_path)[0] == 3
-    if damage == "header":
-        (root / "last.safetensors").write_bytes(b"\xff" * 16 + (root / "last.safetensors").read_bytes()[16:])
-        with pytest.raises(CheckpointError, match=r"last\.safetensors.*unreadable"):
-            load_weights(root / "last.safetensors")
-    else:
-        (root / "last_state.json").write_text((root / "last_state.json").read_text()[:25])
-        with pytest.raises(CheckpointError, match=r"last_state\.json"):
-            _restore(tmp_path)

@@ -93,7 +93,7 @@ def test_skipped_images_are_counted_on_the_console_and_in_every_results_file(
     """Issue 13 item 12: train, eval and fewshot each say how many unreadable images they skipped and where
     they are listed; then (item 9) a damaged checkpoint makes eval a one-line error with exit code 2."""
     from conftest import make_class_folders
-    from vlmdistill.checkpoint import checkpoint_paths
+    from vlmdistill.checkpoint import WEIGHTS, current_unit
     from vlmdistill.data.prepare import prepare
 
     raw = tmp_path / "raw"
@@ -112,7 +112,7 @@ def test_skipped_images_are_counted_on_the_console_and_in_every_results_file(
         assert f"skipped 1 unreadable images (listed in {run / written})" in " ".join(res.output.split())
         data = json.loads((run / written).read_text())["data"]
         assert data["skipped_images"] == 1 and broken.name in data["skipped"][0]
-    weights = checkpoint_paths(run)[0]
+    weights = current_unit(run) / WEIGHTS
     blob = bytearray(weights.read_bytes())
     blob[-2] ^= 0x01
     weights.write_bytes(bytes(blob))

@@ -26,6 +26,6 @@ def test_quick_demo_writes_report(tmp_path: Path) -> None:
     assert "The paper's findings, checked" in report
     for png in ("ood_by_variant.png", "training_curves.png", "embeddings_2d.png"):
         assert (out / png).stat().st_size > 1000
-    from vlmdistill.checkpoint import has_checkpoint
+    from vlmdistill.runfolder import RunFolder
 
-    assert has_checkpoint(out / "seed0" / "best")
+    assert RunFolder(out / "seed0" / "best").has_checkpoint()

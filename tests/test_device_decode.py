@@ -17,9 +17,9 @@ from PIL import Image
 
 from vlmdistill.config import load_config
 from vlmdistill.data.dataset import Record
+from vlmdistill.data.images import BadImageError, load_image
 from vlmdistill.data.prepare import prepare
 from vlmdistill.data.source import ImageSource
-from vlmdistill.images import BadImageError, load_image
 from vlmdistill.targets.lookup import target_recipe
 from vlmdistill.targets.store import store_key, store_path
 from vlmdistill.train import distill

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from vlmdistill.checkpoint import checkpoint_paths, load_weights
 from vlmdistill.config import load_config
 from vlmdistill.io import read_json
+from vlmdistill.runfolder import RunFolder
 from vlmdistill.train import distill
 
 LOSS_RTOL, WEIGHT_ATOL = 2e-4, 1e-4
@@ -81,8 +81,8 @@ def test_two_processes_match_one_and_resume_in_one(base_overrides: list[str], tm
     got = losses(run_two)
     for step in (stop_at + 1, steps):
         assert_close_losses(got[step], ref[step], step)
-    a, _ = load_weights(checkpoint_paths(one.run_dir)[0])
-    b, _ = load_weights(checkpoint_paths(run_two)[0])
+    a = RunFolder(one.run_dir).student().weights
+    b = RunFolder(run_two).student().weights
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k].float(), b[k].float(), rtol=0, atol=WEIGHT_ATOL), (k, (a[k] - b[k]).abs().max())
@@ -97,8 +97,8 @@ def test_one_process_checkpoint_resumes_in_two_and_fewshot_runs_in_two(base_over
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[:6000]
     half = full.run_dir.parent / "half"
     assert read_json(half / "results.json")["complete"] is True
-    a, _ = load_weights(checkpoint_paths(full.run_dir)[0])
-    b, _ = load_weights(checkpoint_paths(half)[0])
+    a = RunFolder(full.run_dir).student().weights
+    b = RunFolder(half).student().weights
     for k in a:
         assert torch.allclose(a[k].float(), b[k].float(), rtol=0, atol=WEIGHT_ATOL), (k, (a[k] - b[k]).abs().max())
 

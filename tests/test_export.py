@@ -13,11 +13,11 @@ from typer.testing import CliRunner
 
 from _tiny_run import fake_run
 from vlmdistill.api import ClosedSetError, load
-from vlmdistill.checkpoint import load_weights
 from vlmdistill.cli import app
 from vlmdistill.config import StudentConfig
 from vlmdistill.export import ExportError, export_model
 from vlmdistill.io import load_tensors
+from vlmdistill.runfolder import read_tensors
 from vlmdistill.students import create_student
 
 
@@ -40,7 +40,7 @@ def test_model_folder_is_self_contained(run: Path, model_dir: Path) -> None:
     emb = load_tensors(model_dir / "classes.safetensors")["embeddings"]
     assert emb.shape == (8, 32) and torch.allclose(emb.norm(dim=-1), torch.ones(8), atol=1e-5)
     student = create_student(StudentConfig(arch="resnet10t", image_size=32), 32)
-    student.load_state_dict(load_weights(model_dir / "student.safetensors")[0])
+    student.load_state_dict(read_tensors(model_dir / "student.safetensors"))
     assert (model_dir / "model.onnx").is_file() and (model_dir / "config.yaml").is_file()
     assert m["onnx"]["parity_max_abs_diff"] < 1e-4 and m["open_clip"]["parity_max_abs_diff"] < 1e-4
 

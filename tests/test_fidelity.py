@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from vlmdistill.config import PAPER_MODE, load_config
+from vlmdistill.data.images import load_image
 from vlmdistill.fewshot import merge_key_views, tip_adapter_logits
-from vlmdistill.images import load_image
 from vlmdistill.metrics import closed_set_metrics
 from vlmdistill.report import comparison_rows, markdown_table
 from vlmdistill.results import METRICS, average_metrics, metric_value

@@ -14,9 +14,9 @@ from PIL import Image
 
 from conftest import make_class_folders
 from vlmdistill.data.dataset import DatasetError, open_dataset
+from vlmdistill.data.images import BadImageError, load_image
 from vlmdistill.data.prepare import from_folders, prepare, seeded_split
 from vlmdistill.data.source import ImageSource
-from vlmdistill.images import BadImageError, load_image
 from vlmdistill.text.labels import (
     ClassInfo,
     LabelFileError,

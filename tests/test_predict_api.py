@@ -128,7 +128,7 @@ def test_transform_decodes_a_pil_image_as_the_toolkit_does(tmp_path: Path) -> No
     import numpy as np
 
     from vlmdistill.api import Transform
-    from vlmdistill.images import load_image
+    from vlmdistill.data.images import load_image
 
     deep = Image.fromarray(np.full((20, 30), 32768, dtype=np.uint16))
     deep.save(tmp_path / "deep.png")

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from vlmdistill.checkpoint import checkpoint_paths, load_weights
 from vlmdistill.config import TeacherConfig, load_config
 from vlmdistill.data.dataset import open_dataset
+from vlmdistill.data.images import BadImageError
 from vlmdistill.data.prepare import prepare
 from vlmdistill.data.source import ImageSource
 from vlmdistill.data.stream import ShardStream, assign_shards, shard_groups
-from vlmdistill.images import BadImageError
+from vlmdistill.runfolder import RunFolder
 from vlmdistill.targets.store import ViewRecipe, open_store
 from vlmdistill.teachers import load_teacher
 from vlmdistill.train import distill
@@ -69,8 +69,8 @@ def test_training_on_shards_equals_loose_files(base_overrides: list[str], sharde
     shards = load_config(None, [*common, "name=shards", f"data.dir={sharded}", "data.preload=false"])
     ra, rb = distill(loose, build_workspace(loose)), distill(shards, build_workspace(shards))
     assert ra["metrics"] == rb["metrics"]
-    a, _ = load_weights(checkpoint_paths(loose.run_dir)[0])
-    b, _ = load_weights(checkpoint_paths(shards.run_dir)[0])
+    a = RunFolder(loose.run_dir).student().weights
+    b = RunFolder(shards.run_dir).student().weights
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

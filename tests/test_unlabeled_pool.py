@@ -10,13 +10,13 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import make_class_folders
-from vlmdistill.checkpoint import checkpoint_paths, load_weights
 from vlmdistill.cli import app
 from vlmdistill.config import ConfigError, LossConfig, load_config
 from vlmdistill.data.pool import PoolError, check_disjoint, read_pool, recorded_pool
 from vlmdistill.demo.unlabeled import ensure_pool, train_size
 from vlmdistill.demo.world import LIST_FILES, WorldParams, generate_world, resolve_list_entry
 from vlmdistill.losses import ClsLoss, LossInputs, Objective
+from vlmdistill.runfolder import RunFolder
 from vlmdistill.train import distill
 from vlmdistill.workspace import build_workspace, class_text_embeddings
 
@@ -132,10 +132,10 @@ def test_resume_with_pool_equals_uninterrupted(base_overrides: list[str], pool_d
     assert distill(stopped, ws)["complete"] is False
     res = distill(load_config(None, [*common, "name=resumed"]), ws, resume=True)
     assert res["complete"] is True and res["train"]["steps"] == steps
-    a, _ = load_weights(checkpoint_paths(full.run_dir)[0])
-    b, _ = load_weights(checkpoint_paths(full.run_dir.parent / "resumed")[0])
+    a = RunFolder(full.run_dir).student().weights
+    b = RunFolder(full.run_dir.parent / "resumed").student().weights
     no_pool = load_config(None, [*common, "data.unlabeled_ratio=0", "name=nopool"])
-    c, _ = load_weights(checkpoint_paths(no_pool.run_dir)[0]) if distill(no_pool, ws) else ({}, None)
+    c = RunFolder(no_pool.run_dir).student().weights if distill(no_pool, ws) else {}
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)  # the pool did change the student
 

@@ -18,13 +18,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from vlmdistill.checkpoint import checkpoint_paths, load_weights, prompt_path
 from vlmdistill.config import ExperimentConfig, load_config
+from vlmdistill.data.images import Interpolation, ResizeMode, fit_image, load_image
 from vlmdistill.data.views import Views, render
 from vlmdistill.errors import VlmdistillError
-from vlmdistill.images import Interpolation, ResizeMode, fit_image, load_image
-from vlmdistill.io import load_tensors, read_json
-from vlmdistill.students import Student, create_student
+from vlmdistill.io import read_json
+from vlmdistill.runfolder import RunFolder, SavedStudent, read_tensors
+from vlmdistill.students import Student
 
 log = logging.getLogger(__name__)
 
@@ -86,18 +86,9 @@ class Transform:
 
 def read_classes(path: Path, descriptions: Path | None = None) -> tuple[list[str], list[str | None]]:
     """Class names from a label2text.txt or a plain file of one name a line, with optional descriptions."""
-    from vlmdistill.text.labels import ClassInfo, LabelFileError, read_descriptions, read_label_file
+    from vlmdistill.text.labels import read_class_list, read_descriptions
 
-    path = Path(path)
-    if not path.is_file():
-        raise LabelFileError(f"class file {path} does not exist")
-    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    if not lines:
-        raise LabelFileError(f"class file {path} lists no classes: give one name a line")
-    if all(len(f) == 3 and f[1].isdigit() for f in (ln.split(" ") for ln in lines)):
-        classes = read_label_file(path)
-    else:
-        classes = [ClassInfo(dir=n, id=i + 1, name=n) for i, n in enumerate(lines)]
+    classes = read_class_list(path)
     if descriptions is not None:
         classes = read_descriptions(descriptions, classes, path)
     return [c.name for c in classes], [c.description for c in classes]
@@ -175,18 +166,22 @@ class DistilledModel:
                 self._class_embeddings = self.class_embeddings(self.class_names, self.descriptions)
             return self._class_embeddings
         if self.context is not None:
-            from vlmdistill.text.prompt_learner import class_texts
+            from vlmdistill.text.prompt_learner import class_prompt_texts
 
             use = self.cfg.text.use_descriptions and descriptions is not None and all(descriptions)
-            return self._text_tower().encode_with_context(class_texts(list(names), list(descriptions) if use else None))
+            texts = class_prompt_texts(list(names), list(descriptions) if use else None)
+            return self._text_tower().encode_with_context(texts)
         return self.encode_text(self.prompts(names, descriptions))
+
+    def probabilities(self, embeddings: torch.Tensor, class_embeddings: torch.Tensor) -> torch.Tensor:
+        """Softmax [B, C] at the run's temperature of unit image embeddings against unit class embeddings."""
+        return (self.logit_scale * embeddings @ class_embeddings.T).softmax(-1)
 
     @torch.no_grad()
     def scores(self, images: ImageInput | Sequence[ImageInput],
                class_names: Sequence[str] | None = None) -> torch.Tensor:
         """Softmax probabilities [B, C] at the run's temperature over ``class_names`` (or the stored classes)."""
-        w = self.class_embeddings(class_names)
-        return (self.logit_scale * self.encode_image(images) @ w.T).softmax(-1)
+        return self.probabilities(self.encode_image(images), self.class_embeddings(class_names))
 
     def classify(self, images: ImageInput | Sequence[ImageInput], class_names: Sequence[str] | None = None,
                  top_k: int = 5) -> list[list[tuple[str, float]]]:
@@ -271,32 +266,25 @@ def _open_text_tower(m: DistilledModel) -> _TeacherText | _OpenClipText:
     return _TeacherText(m.teacher(), m.context)
 
 
-def _student(cfg: ExperimentConfig, out_dim: int, weights: dict[str, torch.Tensor], device: str) -> Student:
-    student = create_student(cfg.student.model_copy(update={"pretrained": False}), out_dim)
-    student.load_state_dict(weights)
-    return student.to(device)
-
-
 def _from_run(run: Path, device: str) -> DistilledModel:
-    cfg_path, weights_path = run / "config.yaml", checkpoint_paths(run)[0]
-    if not cfg_path.is_file() or not weights_path.is_file():
+    folder = RunFolder(run)
+    if not folder.is_run() or not folder.has_checkpoint():
         raise ModelLoadError(
             f"{run} is neither a model folder ({MANIFEST}) nor a finished run (config.yaml and "
             "a checkpoint): give a `vlmdistill export` folder or a trained run directory"
         )
-    cfg = load_config(cfg_path)
-    weights, meta = load_weights(weights_path)
-    if cfg.loss.closed_set or meta.get("closed_set") == "True":
+    cfg = folder.config()
+    saved = folder.student()
+    if cfg.loss.closed_set or saved.meta.closed_set:
         raise ClosedSetError(
             f"{run} is the closed-set baseline (loss.closed_set): its student is a classifier over its training "
             "classes, not an encoder in the teacher's space, so it cannot score class names. Export or load an "
             "open-vocabulary run instead"
         )
-    ctx_file = prompt_path(run)
-    context = load_tensors(ctx_file)["ctx"] if cfg.text.learn_context and ctx_file.is_file() else None
+    context = saved.context if cfg.text.learn_context else None
     names, descs = _run_classes(cfg)
-    student = _student(cfg, int(meta["out_dim"]), weights, device)
-    return DistilledModel(student, cfg, meta.get("teacher_id", ""), run, names, descs, context=context)
+    return DistilledModel(saved.build(cfg.student, device), cfg, saved.meta.teacher_id, run, names, descs,
+                          context=context)
 
 
 def _from_folder(folder: Path, device: str) -> DistilledModel:
@@ -304,13 +292,12 @@ def _from_folder(folder: Path, device: str) -> DistilledModel:
     if manifest.get("format") != FORMAT:
         raise ModelLoadError(f"{folder / MANIFEST} is not a {FORMAT} manifest; re-export with `vlmdistill export`")
     cfg = load_config(folder / CONFIG)
-    weights, _ = load_weights(folder / WEIGHTS)
-    student = _student(cfg, int(manifest["student"]["out_dim"]), weights, device)
+    saved = SavedStudent.read(folder / WEIGHTS, folder / CONTEXT)
     classes = manifest["classes"]
-    context = load_tensors(folder / CONTEXT)["ctx"] if (folder / CONTEXT).is_file() else None
-    return DistilledModel(student, cfg, manifest["teacher"]["id"], folder, [c["name"] for c in classes],
-                          [c.get("description") for c in classes], load_tensors(folder / CLASSES)["embeddings"],
-                          context, manifest)
+    embeddings = read_tensors(folder / CLASSES)["embeddings"]
+    return DistilledModel(saved.build(cfg.student, device), cfg, manifest["teacher"]["id"], folder,
+                          [c["name"] for c in classes], [c.get("description") for c in classes], embeddings,
+                          saved.context, manifest)
 
 
 def load(path: str | Path, device: str = "cpu") -> DistilledModel:

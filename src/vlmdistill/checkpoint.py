@@ -4,31 +4,35 @@ A checkpoint is one folder, ``<run>/checkpoints/step-<N>/``, holding ``weights.s
 alone: what deployment needs), ``state.safetensors`` + ``state.json`` (optimiser, scheduler, RNG, loop
 position: enough for a resumed run to continue exactly as if it had never stopped), the learned prompt
 context ``prompt.safetensors`` when there is one, and ``manifest.json`` with the sha256 of each. The
-folder is built as ``.step-<N>.tmp-*`` and renamed into place whole, then ``latest.json`` is repointed
+folder is built aside and renamed into place whole (``io.replace_dir``), then ``latest.json`` is repointed
 at it; the previous checkpoint is kept, so a kill at any moment leaves the old unit or the new one, and
 a damaged newest unit is refused by its digests while resume falls back to the previous one.
 
-Run folders of the old layout (``checkpoints/last.safetensors`` etc., no digests) are still read, with a
-warning, and replaced by the new layout on their next save.
+This module is the format of one unit; ``runfolder.RunFolder`` is what jobs read a run through.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from vlmdistill.errors import VlmdistillError
-from vlmdistill.io import atomic_write_json, load_tensors, read_json, sha256_file
+from vlmdistill.io import (
+    atomic_save_tensors,
+    atomic_write_json,
+    fsync_path,
+    load_tensors,
+    read_json,
+    replace_dir,
+    sha256_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +40,6 @@ FORMAT = "vlmdistill-checkpoint/1"
 WEIGHTS, STATE_T, STATE_J, PROMPT, MANIFEST = (
     "weights.safetensors", "state.safetensors", "state.json", "prompt.safetensors", "manifest.json")
 LATEST = "latest.json"
-_LEGACY = ("last.safetensors", "last_state.safetensors", "last_state.json", "last_prompt.safetensors")
 
 
 class CheckpointError(VlmdistillError):
@@ -121,33 +124,14 @@ def checkpoint_units(run_dir: Path) -> list[Path]:
     return sorted(units, key=lambda d: d != named)
 
 
-def _legacy(run_dir: Path) -> bool:
-    return all((_root(run_dir) / name).is_file() for name in _LEGACY[:3])
-
-
-def _current(run_dir: Path) -> Path | None:
+def current_unit(run_dir: Path) -> Path | None:
+    """The checkpoint folder a reader should use: the one ``latest.json`` names, else the newest whole one."""
     units = checkpoint_units(run_dir)
     return units[0] if units else None
 
 
-def checkpoint_paths(run_dir: Path) -> tuple[Path, Path, Path]:
-    """Weights, state tensors and state JSON of the current checkpoint (where a new one would go if none)."""
-    unit = _current(run_dir)
-    if unit is None and _legacy(run_dir):
-        log.warning("%s uses the old checkpoint layout (no digests): it is read unverified", _root(run_dir))
-        return tuple(_root(run_dir) / name for name in _LEGACY[:3])  # type: ignore[return-value]
-    unit = unit or _root(run_dir) / "step-0"
-    return unit / WEIGHTS, unit / STATE_T, unit / STATE_J
-
-
-def prompt_path(run_dir: Path) -> Path:
-    """Learned prompt context (CoOp) of the current checkpoint, kept apart from the student weights."""
-    weights = checkpoint_paths(run_dir)[0]
-    return weights.parent / (_LEGACY[3] if weights.name == _LEGACY[0] else PROMPT)
-
-
 def has_checkpoint(run_dir: Path) -> bool:
-    return _current(run_dir) is not None or _legacy(run_dir)
+    return current_unit(run_dir) is not None
 
 
 # ---- verified reading ------------------------------------------------------------------------------------
@@ -194,34 +178,30 @@ def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return load_tensors(path), meta
 
 
-def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_tensor_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of a safetensors file, its digest verified when it belongs to a checkpoint."""
     verify_file(path)
     return _read(Path(path), _read_weights)
 
 
+def read_model(unit: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], torch.Tensor | None]:
+    """A unit's student weights, their metadata and its learned prompt context (None without one), each
+    file verified against the unit's digests first."""
+    weights, meta = read_tensor_file(unit / WEIGHTS)
+    ctx = read_tensor_file(unit / PROMPT)[0]["ctx"] if (unit / PROMPT).is_file() else None
+    return weights, meta, ctx
+
+
 # ---- writing ---------------------------------------------------------------------------------------------
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_unit(tmp: Path, files: dict[str, tuple[dict[str, torch.Tensor], dict[str, str] | None]],
+def _write_unit(folder: Path, files: dict[str, tuple[dict[str, torch.Tensor], dict[str, str] | None]],
                 state: dict[str, Any], step: int) -> None:
-    """Every file of one checkpoint into ``tmp``, the manifest of their digests last, all fsync'ed."""
+    """Every file of one checkpoint into ``folder``, the manifest of their digests last."""
     for name, (tensors, meta) in files.items():
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / name), metadata=meta)
-    (tmp / STATE_J).write_text(json.dumps(state, indent=2, default=str) + "\n", encoding="utf-8")
-    digests = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}
-    (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT, "step": step, "files": digests}, indent=2) + "\n",
-                                encoding="utf-8")
-    for p in tmp.iterdir():
-        _fsync(p)
-    _fsync(tmp)
+        atomic_save_tensors(folder / name, tensors, meta)
+    atomic_write_json(folder / STATE_J, state)
+    digests = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sorted(folder.iterdir())}
+    atomic_write_json(folder / MANIFEST, {"format": FORMAT, "step": step, "files": digests})
 
 
 def _discard(folder: Path) -> None:
@@ -240,8 +220,6 @@ def _prune(root: Path, keep: Path) -> None:
             _discard(d)
     for d in root.glob(".step-*"):
         shutil.rmtree(d, ignore_errors=True)
-    for name in _LEGACY:
-        (root / name).unlink(missing_ok=True)
 
 
 def save_checkpoint(
@@ -265,18 +243,10 @@ def save_checkpoint(
     state = {"loop": asdict(loop), "optimizer": optim_meta, "scheduler": _scheduler_position(scheduler),
              "model": model_meta}
     final = root / f"step-{loop.step:09d}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}.tmp-"))
-    try:
+    with replace_dir(final) as tmp:
         _write_unit(tmp, files, state, loop.step)
-        if final.exists():
-            _discard(final)
-        os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _fsync(root)
     atomic_write_json(root / LATEST, {"folder": final.name, "step": loop.step})
-    _fsync(root)
+    fsync_path(root)
     _prune(root, final)
     return final
 
@@ -288,24 +258,18 @@ def clear_checkpoints(run_dir: Path) -> None:
         (root / LATEST).unlink(missing_ok=True)
         for d in [*root.glob("step-*"), *root.glob(".step-*")]:
             _discard(d) if d.name.startswith("step-") else shutil.rmtree(d, ignore_errors=True)
-        for name in _LEGACY:
-            (root / name).unlink(missing_ok=True)
 
 
 # ---- resuming --------------------------------------------------------------------------------------------
 
-def _load_unit(weights: Path, state_t: Path, state_j: Path, model: torch.nn.Module, optimizer: Any,
-               scheduler: Any) -> tuple[LoopState, dict[str, torch.Tensor]]:
+def _load_unit(unit: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any
+               ) -> tuple[LoopState, torch.Tensor | None]:
     """Verify every file of one unit, then load it; nothing is applied unless all of it reads."""
-    for path in (weights, state_t, state_j):
+    for path in (unit / STATE_T, unit / STATE_J):
         verify_file(path)
-    prompt = weights.parent / (PROMPT if weights.name == WEIGHTS else _LEGACY[3])
-    if prompt.is_file():
-        verify_file(prompt)
-    sd, _ = _read(weights, _read_weights)
-    tensors = _read(state_t, load_tensors)
-    meta = _read(state_j, read_json)
-    extra = _read(prompt, load_tensors) if prompt.is_file() else {}
+    sd, _, ctx = read_model(unit)
+    tensors = _read(unit / STATE_T, load_tensors)
+    meta = _read(unit / STATE_J, read_json)
     try:
         loop = LoopState(step=int(meta["loop"]["step"]), history=list(meta["loop"]["history"]))
         model.load_state_dict(sd)
@@ -313,31 +277,28 @@ def _load_unit(weights: Path, state_t: Path, state_j: Path, model: torch.nn.Modu
         positions = dict(meta["scheduler"])
         rng = tensors["rng.torch"]
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
-        raise CheckpointError(f"checkpoint {weights.parent} does not fit this run ({type(err).__name__}: {err}); "
+        raise CheckpointError(f"checkpoint {unit} does not fit this run ({type(err).__name__}: {err}); "
                               "resume with the config it was trained with, or train again") from None
     for key, value in positions.items():
         setattr(scheduler, key, value)
     torch.set_rng_state(rng)
-    return loop, extra
+    return loop, ctx
 
 
 def load_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                     prompt_ctx: torch.Tensor | None = None) -> LoopState:
     """Restore the newest checkpoint that verifies; a damaged newest one falls back to the one before."""
-    units = [(u / WEIGHTS, u / STATE_T, u / STATE_J) for u in checkpoint_units(run_dir)]
-    if not units and _legacy(run_dir):
-        units = [checkpoint_paths(run_dir)]
     errors = []
-    for paths in units:
+    for unit in checkpoint_units(run_dir):
         try:
-            loop, extra = _load_unit(*paths, model, optimizer, scheduler)
+            loop, ctx = _load_unit(unit, model, optimizer, scheduler)
         except CheckpointError as err:
             errors.append(str(err))
             log.warning("%s; trying the previous checkpoint", err)
             continue
-        if prompt_ctx is not None and "ctx" in extra:
+        if prompt_ctx is not None and ctx is not None:
             with torch.no_grad():
-                prompt_ctx.copy_(extra["ctx"])
+                prompt_ctx.copy_(ctx)
         return loop
     why = errors[0] if errors else "no checkpoint"
     raise CheckpointError(f"{_root(run_dir)} holds no usable checkpoint ({why}); train again with --overwrite")

@@ -276,7 +276,7 @@ def text_stats(
                                                   "(default <run>/text).")] = None,
 ) -> None:
     """Spread of the class text embeddings per prompt recipe: mean pairwise cosine and SVD spectrum."""
-    from vlmdistill.text_stats import text_diagnostics
+    from vlmdistill.text.stats import text_diagnostics
     from vlmdistill.workspace import build_workspace
 
     cfg = _load(config, overrides)
@@ -339,12 +339,9 @@ def describe(
 ) -> None:
     """Write one-sentence appearance descriptions per class with an LLM (the paper's chatgpt.txt)."""
     from vlmdistill.text.describe import LLMEndpoint, describe_classes, write_chatgpt_txt, write_descriptions
-    from vlmdistill.text.labels import read_label_file
+    from vlmdistill.text.labels import read_class_list
 
-    if labels.is_file() and all(len(x.split(" ")) == 3 for x in labels.read_text().splitlines() if x.strip()):
-        names = [c.name for c in _run(read_label_file, labels)]
-    else:
-        names = [x.strip() for x in labels.read_text().splitlines() if x.strip()]
+    names = [c.name for c in _run(read_class_list, labels)]
     count_tokens, context = None, 77
     if teacher_config is not None:
         from vlmdistill.teachers import load_teacher

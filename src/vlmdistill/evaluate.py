@@ -1,8 +1,9 @@
 """Evaluation jobs: score any image encoder under the paper's protocol, the teacher alone, a saved run,
 and the paper's §6 analysis metrics.
 
-Evaluation takes a plain encoder (pixels in [0, 1] -> embedding), as open_clip's ``zero_shot_eval(model,
-...)`` does: nothing here builds a trainer. The metrics themselves are in ``metrics.py``.
+Evaluation takes a plain encoder (pixels in [0, 1] -> embedding) and class embeddings, as open_clip's
+``zero_shot_eval(model, ...)`` does: nothing here builds a training task. A saved run is read through
+``RunFolder`` (``restore_student``). The metrics themselves are in ``metrics.py``.
 
 Under torchrun DDP each rank embeds a contiguous slice of a split with the student and the slices are
 gathered in rank order (``student_features``), so every rank computes the metrics of one process; only rank 0
@@ -19,28 +20,29 @@ import torch
 
 from vlmdistill import distributed
 from vlmdistill.analysis import analysis_metrics
-from vlmdistill.checkpoint import checkpoint_paths, load_weights
 from vlmdistill.config import ExperimentConfig, save_config
 from vlmdistill.data.source import ImageSource
 from vlmdistill.data.views import render
-from vlmdistill.errors import RunError
+from vlmdistill.device import resolve_device
 from vlmdistill.io import atomic_write_json
-from vlmdistill.loop import load_prompt_context
 from vlmdistill.metrics import closed_set_metrics, zero_shot_metrics
 from vlmdistill.results import RunResults
-from vlmdistill.students import count_parameters
-from vlmdistill.task import DistillTask
+from vlmdistill.runfolder import ModelMeta, RunFolder
+from vlmdistill.students import Student, count_parameters
 from vlmdistill.workspace import (
     EvalSet,
     ViewFactory,
     Workspace,
     class_text_embeddings,
     default_sets,
+    run_class_embeddings,
     student_eval_view,
     teacher_eval_view,
 )
 
 Encoder = Callable[[torch.Tensor], torch.Tensor]
+ClassEmbeddings = tuple[torch.Tensor, torch.Tensor]
+"""Unit-norm ID and OOD class embeddings [C, D], on CPU."""
 
 
 @torch.no_grad()
@@ -136,39 +138,30 @@ def evaluate_teacher(cfg: ExperimentConfig, ws: Workspace, out_dir: Path | None 
     return results.to_dict()
 
 
-def restore_task(cfg: ExperimentConfig, ws: Workspace, run_dir: Path, task: DistillTask | None = None
-                 ) -> DistillTask:
-    """A run's student (and learned prompt context), refusing a checkpoint of another teacher or architecture."""
-    task = task or DistillTask(cfg, ws, default_sets(ws, class_text_embeddings(cfg, ws)[0])[0])
-    path = checkpoint_paths(run_dir)[0]
-    if not path.is_file():
-        raise RunError(f"{run_dir} has no checkpoint ({path}); train first or point --run at a run directory")
-    weights, meta = load_weights(path)
-    expected = task.model_meta()
-    for key in ("teacher_id", "student_arch", "out_dim"):
-        if meta.get(key) != expected[key]:
-            raise RunError(
-                f"checkpoint {path} was made with {key}={meta.get(key)!r} but the config gives {expected[key]!r}; "
-                "evaluate it with the config it was trained with (its config.yaml)"
-            )
-    task.student.load_state_dict(weights)
-    load_prompt_context(task, run_dir)
-    return task
+def restore_student(cfg: ExperimentConfig, ws: Workspace, run_dir: Path) -> tuple[Student, ClassEmbeddings]:
+    """A run's student (refusing one of another teacher or architecture than ``cfg``'s) and the class
+    embeddings it is scored against (from its learned prompt context when it learned one)."""
+    n_classes = len(ws.dataset.id_space) + len(ws.dataset.ood_space)
+    out_dim = n_classes if cfg.loss.closed_set else ws.teacher.embed_dim
+    saved = RunFolder(run_dir).student(ModelMeta.expected(cfg, ws.teacher.id, out_dim))
+    student = saved.build(cfg.student, resolve_device(cfg.device))
+    return student, run_class_embeddings(cfg, ws, saved.context)
 
 
-def analyse(cfg: ExperimentConfig, ws: Workspace, task: DistillTask) -> dict[str, Any]:
+def analyse(cfg: ExperimentConfig, ws: Workspace, student: torch.nn.Module, class_embeddings: ClassEmbeddings
+            ) -> dict[str, Any]:
     """The paper's §6 metrics on the training set and on the OOD set: all images (as the paper's Tables
     14-16), or a seeded subset of ``train.analysis_max_images`` per set, recorded under ``images``."""
     out: dict[str, Any] = {"images": {}}
     g = torch.Generator().manual_seed(cfg.seed)
-    w_id, w_ood = task.class_embeddings()
+    w_id, w_ood = class_embeddings
     limit = cfg.train.analysis_max_images
     for name, source, w in (("train", ws.train, w_id), ("ood", ws.ood_val, w_ood)):
         total = len(source)
         if limit is not None and total > limit:
             keep = torch.randperm(total, generator=g)[:limit].sort().values
             source = source.like([source.records[i] for i in keep.tolist()])
-        s, s_i = student_features(task.student, cfg, source)
+        s, s_i = student_features(student, cfg, source)
         t, t_i = teacher_features(cfg, ws, source)
         common = torch.isin(s_i, t_i)
         s, t = s[common], t[torch.isin(t_i, s_i)]
@@ -179,25 +172,22 @@ def analyse(cfg: ExperimentConfig, ws: Workspace, task: DistillTask) -> dict[str
 
 def eval_results_path(cfg: ExperimentConfig, run_dir: Path) -> Path:
     """``eval.json`` on the run's own dataset; ``eval-<dataset>.json`` on another, so neither replaces the other."""
-    trained_on = run_dir / "config.yaml"
-    if trained_on.is_file():
-        from vlmdistill.config import load_config
-
-        if Path(load_config(trained_on).data.dir).resolve() != Path(cfg.data.dir).resolve():
-            return run_dir / f"eval-{Path(cfg.data.dir).resolve().name}.json"
+    run = RunFolder(run_dir)
+    if run.is_run() and Path(run.config().data.dir).resolve() != Path(cfg.data.dir).resolve():
+        return run_dir / f"eval-{Path(cfg.data.dir).resolve().name}.json"
     return run_dir / "eval.json"
 
 
 def evaluate_run(cfg: ExperimentConfig, ws: Workspace, run_dir: Path, analysis: bool = True) -> dict[str, Any]:
     """Re-score a saved student on ``cfg``'s data; writes ``eval.json`` (see ``eval_results_path``)."""
     run_dir = Path(run_dir)
-    task = restore_task(cfg, ws, run_dir)
-    _, eval_set = default_sets(ws, task.w_id)
-    metrics = score_student(task.student, cfg, eval_set, task.class_embeddings(), task.n_id)
-    student = {"id": task.student.spec.id, "params": count_parameters(task.student)}
-    results = RunResults.start("eval", cfg, str(run_dir), str(run_dir), ws.teacher, student, metrics)
-    if analysis and not task.closed_set:
-        results.analysis = analyse(cfg, ws, task)
+    student, class_embeddings = restore_student(cfg, ws, run_dir)
+    _, eval_set = default_sets(ws, class_embeddings[0])
+    metrics = score_student(student, cfg, eval_set, class_embeddings, len(ws.dataset.id_space))
+    info = {"id": student.spec.id, "params": count_parameters(student)}
+    results = RunResults.start("eval", cfg, str(run_dir), str(run_dir), ws.teacher, info, metrics)
+    if analysis and not cfg.loss.closed_set:
+        results.analysis = analyse(cfg, ws, student, class_embeddings)
     results.data = skipped_images(ws)
     if distributed.is_main():
         atomic_write_json(eval_results_path(cfg, run_dir), results.to_dict())

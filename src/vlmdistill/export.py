@@ -34,9 +34,10 @@ from vlmdistill.api import (
     load,
     read_classes,
 )
-from vlmdistill.config import ExperimentConfig, load_config
+from vlmdistill.config import ExperimentConfig
 from vlmdistill.errors import VlmdistillError
-from vlmdistill.io import atomic_save_tensors, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
+from vlmdistill.io import atomic_save_tensors, atomic_write_bytes, atomic_write_json, atomic_write_text
+from vlmdistill.runfolder import ModelMeta, RunFolder
 from vlmdistill.students import Student, count_parameters
 
 ONNX_OPSET = 17
@@ -172,7 +173,7 @@ def export_open_clip(model: DistilledModel, folder: Path) -> dict[str, Any]:
 def _manifest(model: DistilledModel, run_dir: Path, names: list[str], descs: list[str | None],
               onnx_diff: float, open_clip_info: dict[str, Any] | None) -> dict[str, Any]:
     cfg, spec = model.cfg, model.student.spec
-    results = read_json(run_dir / "results.json") if (run_dir / "results.json").is_file() else {}
+    results = RunFolder(run_dir).results() or {}
     prompts = model.prompts(names, descs) if model.context is None else None
     return {
         "format": FORMAT,
@@ -207,8 +208,9 @@ def export_model(run_dir: Path, out: Path, labels: Path | None = None, descripti
     if not open_clip and (out / OPEN_CLIP_DIR).exists():
         raise ExportError(f"{out / OPEN_CLIP_DIR} is left from an earlier export and would no longer match: "
                           "remove it, or export with --open-clip")
-    if open_clip and (run_dir / "config.yaml").is_file():
-        _check_open_clip_exportable(load_config(run_dir / "config.yaml"))
+    run = RunFolder(run_dir)
+    if open_clip and run.is_run():
+        _check_open_clip_exportable(run.config())
     model = load(run_dir)
     names, descs = read_classes(labels, descriptions) if labels else (model.class_names, model.descriptions)
     if not names:
@@ -217,11 +219,10 @@ def export_model(run_dir: Path, out: Path, labels: Path | None = None, descripti
     classes = model.class_embeddings(names, descs)
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)
-    meta = {"student_arch": model.cfg.student.arch, "out_dim": str(model.student.out_dim),
-            "image_size": str(model.transform.image_size), "teacher_id": model.teacher_id}
+    meta = ModelMeta.of(model.cfg, model.student, model.teacher_id).to_strings()
     atomic_save_tensors(out / WEIGHTS, model.student.state_dict(), meta)
     atomic_save_tensors(out / CLASSES, {"embeddings": classes})
-    atomic_write_text(out / CONFIG, (run_dir / "config.yaml").read_text(encoding="utf-8"))
+    atomic_write_text(out / CONFIG, run.config_path.read_text(encoding="utf-8"))
     if model.context is not None:
         atomic_save_tensors(out / CONTEXT, {"ctx": model.context})
     onnx_diff = write_onnx(model, classes, out / ONNX)

@@ -23,10 +23,12 @@ from vlmdistill.data.dataset import Split
 from vlmdistill.data.source import ImageSource
 from vlmdistill.data.views import randaugment, render, sample_views
 from vlmdistill.errors import RunError
-from vlmdistill.evaluate import restore_task, skipped_images, student_features, teacher_features
+from vlmdistill.evaluate import ClassEmbeddings, restore_student, skipped_images, student_features, teacher_features
 from vlmdistill.io import atomic_write_json, read_json
 from vlmdistill.metrics import classification_metrics, mean_per_class_recall
+from vlmdistill.runfolder import RunFolder
 from vlmdistill.runlock import run_lock
+from vlmdistill.students import Student
 from vlmdistill.task import DistillTask
 from vlmdistill.train import train_task
 from vlmdistill.workspace import (
@@ -94,18 +96,20 @@ def finetune(
     """The paper's few-shot finetuning, starting from the distilled weights with a fresh optimiser."""
     ft_cfg = fewshot_config(cfg, from_run, method)
     train_set, eval_set = fewshot_sets(ft_cfg, ws, support)
-    task = restore_task(ft_cfg, ws, from_run, DistillTask(ft_cfg, ws, train_set))
+    task = DistillTask(ft_cfg, ws, train_set)
+    task.load_saved(RunFolder(from_run).student())
     results = train_task(task, ws, eval_set).to_dict()
     if distributed.is_main():
         atomic_write_json(ft_cfg.run_dir / "results.json", results)
     return results, task, eval_set
 
 
-def _per_half(task: DistillTask, eval_set: EvalSet, halves: list[set[int]]) -> dict[str, float]:
+def _per_half(cfg: ExperimentConfig, student: Student, class_embeddings: ClassEmbeddings, eval_set: EvalSet,
+              halves: list[set[int]]) -> dict[str, float]:
     """OOD recall over all OOD classes, reported separately for the images of each half of the classes."""
-    feats, idx = student_features(task.student, task.cfg, eval_set.ood_source)
+    feats, idx = student_features(student, cfg, eval_set.ood_source)
     labels = eval_set.ood_labels[idx]
-    pred = (F.normalize(feats, dim=-1) @ task.class_embeddings()[1].T).argmax(1)
+    pred = (F.normalize(feats, dim=-1) @ class_embeddings[1].T).argmax(1)
     out = {}
     for i, half in enumerate(halves, start=1):
         mask = torch.tensor([int(y) in half for y in labels])
@@ -121,14 +125,14 @@ def run_continual(cfg: ExperimentConfig, ws: Workspace, from_run: Path) -> dict[
     support_all = select_support(ws.dataset.ood_val, cfg.fewshot.shots, cfg.seed, cfg.fewshot.selection)
     support = [i for i in support_all if ws.dataset.ood_val.labels[i] in halves[0]]
     eval_set = fewshot_sets(cfg, ws, support)[1]
-    before = _per_half(restore_task(cfg, ws, from_run), eval_set, halves)
+    before = _per_half(cfg, *restore_student(cfg, ws, from_run), eval_set, halves)
     _, after, _ = finetune(cfg, ws, from_run, support, method="continual")
     names = ws.dataset.ood_space.dirs
     return {
         "halves": [[names[c] for c in sorted(h)] for h in halves],
         "support_images": len(support),
         "before": before,
-        "after": _per_half(after, eval_set, halves),
+        "after": _per_half(after.cfg, after.student, after.class_embeddings(), eval_set, halves),
     }
 
 
@@ -155,30 +159,30 @@ def merge_key_views(views: torch.Tensor, labels: torch.Tensor, merge: str) -> tu
 def tip_adapter(cfg: ExperimentConfig, ws: Workspace, from_run: Path, support: list[int]) -> dict[str, Any]:
     """Training-free retrieval over a cache of the support images' embeddings (see ``tip_adapter_logits``)."""
     f = cfg.fewshot
-    task = restore_task(cfg, ws, from_run)
+    student, (_, w_ood) = restore_student(cfg, ws, from_run)
     _, eval_set = fewshot_sets(cfg, ws, support)
     labels = torch.tensor(ws.dataset.ood_val.labels, dtype=torch.long)[support]
     shots = ws.ood_val.subset(support)
-    keys, key_labels = merge_key_views(_key_views(cfg, ws, task, shots), labels, f.key_merge)
-    q, q_i = student_features(task.student, cfg, eval_set.ood_source)
-    logits = tip_adapter_logits(F.normalize(q, dim=-1), task.class_embeddings()[1], keys, key_labels, f.alpha,
-                                f.beta, f.text_scale)
+    keys, key_labels = merge_key_views(_key_views(cfg, ws, student, shots), labels, f.key_merge)
+    q, q_i = student_features(student, cfg, eval_set.ood_source)
+    logits = tip_adapter_logits(F.normalize(q, dim=-1), w_ood, keys, key_labels, f.alpha, f.beta, f.text_scale)
     return {"ood": classification_metrics(logits, eval_set.ood_labels[q_i]), "keys": f.keys, "alpha": f.alpha,
             "beta": f.beta, "text_scale": f.text_scale, "key_views": f.key_views, "key_merge": f.key_merge,
             "key_view_kind": f.key_view_kind, "n_keys": len(keys),
             "skipped": skipped_images(ws, shots, eval_set.ood_source)["skipped"]}
 
 
-def _key_views(cfg: ExperimentConfig, ws: Workspace, task: DistillTask, shots: ImageSource) -> torch.Tensor:
+def _key_views(cfg: ExperimentConfig, ws: Workspace, student: Student, shots: ImageSource) -> torch.Tensor:
     """[V, K, D] unit embeddings of each support image: its eval view, then ``key_views - 1`` random crops
     or (paper) RandAugment(2, 9) versions of the whole eval view."""
     if cfg.fewshot.keys == "teacher":
         base, _ = teacher_features(cfg, ws, shots)
         encode, size, view = ws.teacher.encode_images, ws.teacher.image_size, teacher_eval_view(cfg)
     else:
-        base, _ = student_features(task.student, cfg, shots)
-        task.student.eval()
-        encode, size = (lambda x: task.student(x.to(task.device)).cpu()), cfg.student.image_size
+        base, _ = student_features(student, cfg, shots)
+        student.eval()
+        device = next(student.parameters()).device
+        encode, size = (lambda x: student(x.to(device)).cpu()), cfg.student.image_size
         view = student_eval_view(cfg)
     g = torch.Generator().manual_seed(cfg.seed)
     out = [F.normalize(base, dim=-1)]

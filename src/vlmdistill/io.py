@@ -99,18 +99,31 @@ def end_last_line(path: Path, complete: Callable[[bytes], bool]) -> None:
                 handle.truncate(cut)
 
 
+def fsync_path(path: Path) -> None:
+    """Flush a file's or a folder's entries to disk (a rename is durable only once its folder is)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def replace_dir(path: Path) -> Iterator[Path]:
     """Yield a fresh folder beside ``path``; when the block ends without error it replaces ``path``.
 
     On error the new folder is removed and ``path`` keeps its old contents. Between the two renames that
-    swap them ``path`` is briefly absent, never half-written.
+    swap them ``path`` is briefly absent, never half-written. Every file in the new folder is fsync'ed
+    before the swap, and the parent after it, so a power cut cannot leave a renamed folder of empty files.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     new = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".new"))
     try:
         yield new
+        for entry in new.rglob("*"):
+            fsync_path(entry)
+        fsync_path(new)
         os.chmod(new, 0o777 & ~_UMASK)
         old = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.old"
         had_old = path.exists() or path.is_symlink()
@@ -125,6 +138,7 @@ def replace_dir(path: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(new, ignore_errors=True)
         raise
+    fsync_path(path.parent)
     if had_old and old.is_dir() and not old.is_symlink():
         shutil.rmtree(old, ignore_errors=True)
     elif had_old:

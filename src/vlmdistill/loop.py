@@ -1,4 +1,5 @@
-"""The training loop: one global step counter, one exit (as nanoGPT's ``iter_num``).
+"""The training loop: one global step counter (as nanoGPT's ``iter_num``), run until the last step or a stop
+signal.
 
 Epoch, data pass and batch are derived from the step (``LoopShape.coords``); every random draw comes
 from a generator seeded by those coordinates, so a run resumed at any step is identical to one that
@@ -8,8 +9,9 @@ device only on logging steps.
 
 Under torchrun DDP the global batches are the same (they depend on the seed, never on the world size); each
 rank reads its contiguous slice (``distributed.shard``) and the task rebuilds the global batch for the loss.
-Every rank runs the same steps and evaluations; rank 0 alone writes the config, logs and checkpoints. A
-checkpoint holds nothing per rank, so it resumes under any number of processes.
+Every rank runs the same steps and evaluations; rank 0 alone writes logs and checkpoints. A checkpoint holds
+nothing per rank, so it resumes under any number of processes. Starting a run (its config, clearing an old
+one's checkpoints) is the training job's (``train.py``); the loop only continues from what is there.
 """
 
 from __future__ import annotations
@@ -26,19 +28,12 @@ from typing import Any
 import torch
 
 from vlmdistill import distributed
-from vlmdistill.checkpoint import (
-    LoopState,
-    clear_checkpoints,
-    has_checkpoint,
-    load_checkpoint,
-    load_weights,
-    prompt_path,
-    save_checkpoint,
-)
-from vlmdistill.config import ExperimentConfig, save_config
+from vlmdistill.checkpoint import LoopState, save_checkpoint
+from vlmdistill.config import ExperimentConfig
 from vlmdistill.data.source import Batch
 from vlmdistill.errors import RunError
 from vlmdistill.progress import console
+from vlmdistill.runfolder import RunFolder
 from vlmdistill.task import DistillTask, StepBatch
 from vlmdistill.trainlog import TrainLog
 from vlmdistill.workspace import TrainSet
@@ -188,25 +183,20 @@ def fit(task: DistillTask, evaluate: Evaluate, resume: bool = False) -> FitResul
 
     SIGINT/SIGTERM stop it after the current step with a checkpoint there, raising ``RunInterrupted``."""
     cfg, run_dir = task.cfg, task.cfg.run_dir
-    if distributed.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
     _check_world_size(cfg, task.train_set)
     task.distribute()
     shape = LoopShape.of(cfg, task.train_set)
     optimizer, scheduler, per_step = build_optimizer(cfg, task.trainable(), shape.steps_per_epoch)
     torch.manual_seed(cfg.seed)
     state = LoopState()
-    if resume and has_checkpoint(run_dir):
+    if resume and RunFolder(run_dir).has_checkpoint():
         state = restore(task, optimizer, scheduler)
         console.print(f"resumed {run_dir} at step {state.step} of {shape.total}")
-    elif not resume and distributed.is_main():
-        clear_checkpoints(run_dir)
     stop_at = shape.total if cfg.train.max_steps is None else min(shape.total, cfg.train.max_steps)
     start = time.perf_counter()
     task.student.train()
     batches: Iterator[Batch] | None = None
-    with StopSignals() as stop, TrainLog(cfg, shape.total, state.step) as log:
+    with StopSignals() as stop, TrainLog(cfg, shape.total, shape.steps_per_epoch, state.step) as log:
         while state.step < stop_at and not _stop_asked(stop):
             epoch, pass_index, batch_index = shape.coords(state.step)
             if batches is None or batch_index == 0:
@@ -279,18 +269,10 @@ def save(task: DistillTask, optimizer: Any, scheduler: Any, state: LoopState) ->
     if not distributed.is_main():
         return
     ctx = task.prompts.ctx.detach() if task.prompts is not None else None
-    save_checkpoint(task.cfg.run_dir, task.student, optimizer, scheduler, state, task.model_meta(), ctx)
+    save_checkpoint(task.cfg.run_dir, task.student, optimizer, scheduler, state, task.model_meta().to_strings(), ctx)
 
 
 def restore(task: DistillTask, optimizer: Any, scheduler: Any) -> LoopState:
     """The newest checkpoint that verifies (with its own prompt context), falling back to the one before."""
     ctx = task.prompts.ctx if task.prompts is not None else None
-    return load_checkpoint(task.cfg.run_dir, task.student, optimizer, scheduler, ctx)
-
-
-def load_prompt_context(task: DistillTask, run_dir: Path) -> None:
-    """The learned context of a run, when this task learns context too (fresh context otherwise)."""
-    path = prompt_path(run_dir)
-    if task.prompts is not None and path.is_file():
-        with torch.no_grad():
-            task.prompts.ctx.copy_(load_weights(path)[0]["ctx"])
+    return RunFolder(task.cfg.run_dir).resume(task.student, optimizer, scheduler, ctx)

@@ -72,7 +72,7 @@ def predict(model: DistilledModel, inputs: Sequence[Path], class_names: Sequence
             except VlmdistillError as err:
                 row.error = _reason(err)
         if good:
-            probs = (model.logit_scale * model.encode_image(torch.stack(pixels)) @ w.T).softmax(-1)
+            probs = model.probabilities(model.encode_image(torch.stack(pixels)), w)
             top = probs.topk(k, dim=1)
             for row, ps, ix in zip(good, top.values.tolist(), top.indices.tolist(), strict=True):
                 row.labels, row.scores = [names[i] for i in ix], [round(p, 6) for p in ps]

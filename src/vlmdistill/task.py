@@ -1,8 +1,8 @@
 """One distillation task: the student, the learned prompt context, the Objective and the target lookup.
 
-As open_clip's ``task/distill_task.py`` and timm's ``task/distillation.py``: the loop hands the task a
-batch and gets back the loss and its named terms; evaluation gets the bare student (``image_encoder``)
-and the class embeddings (``class_embeddings``), never the task. One step, top to bottom:
+Only training builds a task: the loop hands it a batch and gets back the loss and its named terms. Evaluation
+gets the bare student (``task.student``) and the class embeddings (``class_embeddings``), never the task.
+One step, top to bottom:
 
     batch (images, index) -> views (+ the teacher's targets of those views) -> pixels      ``prepare``
     [+ pool images drawn from g -> the same views and stored targets -> pixels, appended]
@@ -37,12 +37,12 @@ from vlmdistill.data.source import Batch, ImageSource
 from vlmdistill.data.views import randaugment, render
 from vlmdistill.device import resolve_device
 from vlmdistill.losses import LossInputs, Objective
+from vlmdistill.runfolder import ModelMeta, SavedStudent
 from vlmdistill.students import Student, create_student
 from vlmdistill.targets.lookup import TargetLookup, open_targets
-from vlmdistill.text.labels import LabelSpace
-from vlmdistill.text.prompt_learner import PromptLearner, class_prompt_texts
+from vlmdistill.text.prompt_learner import PromptLearner
 from vlmdistill.text.textbank import embed_texts
-from vlmdistill.workspace import TrainSet, Workspace, class_text_embeddings, unlabeled_source
+from vlmdistill.workspace import TrainSet, Workspace, class_text_embeddings, context_class_texts, unlabeled_source
 
 
 @dataclass
@@ -77,6 +77,15 @@ class UnlabeledPool:
         return next(iter(self.source.iter_batches([index])), None)
 
 
+def open_pool(cfg: ExperimentConfig, ws: Workspace) -> UnlabeledPool | None:
+    """The run's unlabelled pool with its own target lookup (opening, and if needed extracting, its store);
+    None without a pool."""
+    source = unlabeled_source(cfg, ws)
+    if source is None:
+        return None
+    return UnlabeledPool(source, open_targets(cfg, ws.teacher, source, needed=True), cfg.data.unlabeled_ratio)
+
+
 class DistillTask(nn.Module):
     """Everything with parameters or loss maths in one training run; built without touching the store."""
 
@@ -91,31 +100,31 @@ class DistillTask(nn.Module):
         self.w_train = train_set.w.to(self.device)
         out_dim = self.n_id + len(ws.dataset.ood_space) if self.closed_set else ws.teacher.embed_dim
         self.student: Student = create_student(cfg.student, out_dim).to(self.device)
-        self.id_texts, self.ood_texts = _class_texts(cfg, ws)
+        self.id_texts, self.ood_texts = context_class_texts(cfg, ws)
         self.prompts = _prompt_learner(cfg, ws, self.id_texts, self.ood_texts, len(train_set.w)).to(self.device) \
             if cfg.text.learn_context else None
         self.objective = Objective(cfg.loss)
-        self.caption_embeddings = _caption_embeddings(cfg, ws, train_set) if cfg.loss.cap.weight and not \
-            self.closed_set else None
-        # Distillation only (few-shot finetuning has support images) and only when a term runs on pool rows.
-        self._pool_from = ws if train_set.support is None and self.objective.on_pool else None
-        self.pool: UnlabeledPool | None = None
+        self.caption_embeddings = _caption_embeddings(cfg, ws, train_set) if "captions" in self.objective.needs \
+            else None
+        # Set by the training job before fitting (``open_targets``, ``open_pool``), so building a task touches
+        # no store and decodes no pool.
         self.targets = TargetLookup(cfg, None)
+        self.pool: UnlabeledPool | None = None
         self._ddp: nn.Module | None = None  # the student under DDP (``distribute``); not a registered submodule
 
     @property
-    def targets(self) -> TargetLookup:
-        return self._targets
+    def wants_pool(self) -> bool:
+        """Distillation only (few-shot finetuning has support images), with teacher targets, and only when a
+        term runs on pool rows."""
+        return self.train_set.support is None and self.objective.on_pool and self.targets.kind != "none"
 
-    @targets.setter
-    def targets(self, lookup: TargetLookup) -> None:
-        """The labelled images' target lookup. Setting it (the training job does, before fitting) opens the
-        pool's lookup the same way, so evaluation, which builds tasks too, never decodes or checks a pool."""
-        self._targets = lookup
-        ws = self._pool_from
-        source = unlabeled_source(self.cfg, ws) if ws is not None and lookup.kind != "none" else None
-        self.pool = None if source is None else UnlabeledPool(
-            source, open_targets(self.cfg, ws.teacher, source, needed=True), self.cfg.data.unlabeled_ratio)
+    def load_saved(self, saved: SavedStudent) -> None:
+        """Start from a saved student (and its learned context, when both learn one), as few-shot does."""
+        saved.meta.check(ModelMeta.expected(self.cfg, self.teacher_id, self.student.out_dim), saved.source)
+        self.student.load_state_dict(saved.weights)
+        if self.prompts is not None and saved.context is not None:
+            with torch.no_grad():
+                self.prompts.ctx.copy_(saved.context)
 
     # ------------------------------------------------------------------ one step
     def prepare(self, batch: Batch, g: torch.Generator) -> StepBatch:
@@ -184,9 +193,6 @@ class DistillTask(nn.Module):
         object.__setattr__(self, "_ddp", nn.parallel.DistributedDataParallel(self.student, device_ids=ids))
 
     # ------------------------------------------------------------------ what evaluation and checkpoints need
-    def image_encoder(self) -> Student:
-        return self.student
-
     def trainable(self) -> list[nn.Parameter]:
         """The student's parameters, plus the prompt context when it is learned (same lr and decay, as CoOp)."""
         return [*self.student.parameters(), *([self.prompts.ctx] if self.prompts is not None else [])]
@@ -198,19 +204,8 @@ class DistillTask(nn.Module):
             return self.w_id.cpu(), self.w_ood.cpu()
         return self.prompts(self.id_texts).cpu(), self.prompts(self.ood_texts).cpu()
 
-    def model_meta(self) -> dict[str, str]:
-        """What a checkpoint must match to be loaded into this task (and what deployment reads)."""
-        spec = self.student.spec
-        return {
-            "student_arch": self.cfg.student.arch,
-            "student_id": spec.id,
-            "out_dim": str(self.student.out_dim),
-            "image_size": str(self.cfg.student.image_size),
-            "mean": ",".join(str(v) for v in spec.mean),
-            "std": ",".join(str(v) for v in spec.std),
-            "teacher_id": self.teacher_id,
-            "closed_set": str(self.closed_set),
-        }
+    def model_meta(self) -> ModelMeta:
+        return ModelMeta.of(self.cfg, self.student, self.teacher_id)
 
 
 def _global_rows(step: StepBatch, s_raw: torch.Tensor, t_raw: torch.Tensor | None, y: torch.Tensor,
@@ -225,16 +220,6 @@ def _global_rows(step: StepBatch, s_raw: torch.Tensor, t_raw: torch.Tensor | Non
         t = torch.cat([t, distributed.all_gather_tensors(t_raw[n:], pool_counts)]) if t is not None else None
     c = distributed.all_gather_tensors(c, counts) if c is not None else None
     return s, t, distributed.all_gather_tensors(y, counts), c
-
-
-def _class_texts(cfg: ExperimentConfig, ws: Workspace) -> tuple[list[str], list[str]]:
-    """The ID and OOD class texts a learned context is prepended to ("{name}." or "{name} . {desc}.")."""
-    use = cfg.text.use_descriptions
-
-    def texts(space: LabelSpace) -> list[str]:
-        return class_prompt_texts(space.names, [c.description for c in space.classes] if use else None)
-
-    return texts(ws.dataset.id_space), texts(ws.dataset.ood_space)
 
 
 def _prompt_learner(cfg: ExperimentConfig, ws: Workspace, id_texts: list[str], ood_texts: list[str],

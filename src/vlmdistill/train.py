@@ -15,25 +15,29 @@ from typing import Any
 import torch
 
 from vlmdistill import distributed
-from vlmdistill.checkpoint import has_checkpoint
-from vlmdistill.config import ExperimentConfig
+from vlmdistill.checkpoint import clear_checkpoints
+from vlmdistill.config import ExperimentConfig, save_config
 from vlmdistill.errors import RunError
 from vlmdistill.evaluate import analyse, score_student, skipped_images
-from vlmdistill.io import atomic_write_json, read_json
+from vlmdistill.io import atomic_write_json
 from vlmdistill.loop import FitResult, fit
 from vlmdistill.results import RunResults, average_metrics
+from vlmdistill.runfolder import RunFolder
 from vlmdistill.runlock import LOCK_FILE, run_lock
 from vlmdistill.students import count_parameters
 from vlmdistill.targets.lookup import open_targets
-from vlmdistill.task import DistillTask
+from vlmdistill.task import DistillTask, open_pool
 from vlmdistill.workspace import EvalSet, Workspace, build_workspace, class_text_embeddings, default_sets
 
 
 def train_task(task: DistillTask, ws: Workspace, eval_set: EvalSet, resume: bool = False) -> RunResults:
-    """Fit ``task`` (opening its teacher targets first), evaluating on ``eval_set``; returns its results."""
+    """Fit ``task`` (opening its teacher targets and pool first), evaluating on ``eval_set``; returns its
+    results. A run that does not resume starts from no checkpoint, with its resolved config saved."""
     cfg = task.cfg
     task.targets = open_targets(cfg, ws.teacher, task.train_set.source, task.objective.needs_teacher)
+    task.pool = open_pool(cfg, ws) if task.wants_pool else None
     ood_trained = task.train_set.support is not None
+    _begin(cfg, resume)
 
     def evaluate() -> dict[str, Any]:
         return score_student(task.student, cfg, eval_set, task.class_embeddings(), task.n_id, ood_trained)
@@ -59,19 +63,25 @@ def _results(task: DistillTask, ws: Workspace, eval_set: EvalSet, fit_result: Fi
     return results
 
 
+def _begin(cfg: ExperimentConfig, resume: bool) -> None:
+    """Rank 0 saves the resolved config; a run that does not resume drops any checkpoint left in its folder."""
+    if distributed.is_main():
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, cfg.run_dir / "config.yaml")
+        if not resume:
+            clear_checkpoints(cfg.run_dir)
+
+
 def _check_reuse(run_dir: Path, resume: bool, overwrite: bool) -> None:
     """Refuse to train over an existing run unless asked to continue it or start it again."""
     if resume and overwrite:
         raise RunError(f"give --resume (continue {run_dir}) or --overwrite (start it again), not both")
-    results = run_dir / "results.json"
-    if resume or overwrite or not (results.is_file() or has_checkpoint(run_dir)):
+    run = RunFolder(run_dir)
+    if resume or overwrite or not (run.results_path.is_file() or run.has_checkpoint()):
         return
-    try:
-        complete = results.is_file() and read_json(results).get("complete") is True
-    except (OSError, ValueError, AttributeError):
-        complete = False
-    if complete:
-        raise RunError(f"run {run_dir} is complete ({results}); --overwrite trains it again, or use another name")
+    if run.is_complete():
+        raise RunError(f"run {run_dir} is complete ({run.results_path}); --overwrite trains it again, or use "
+                       "another name")
     raise RunError(f"run {run_dir} holds an unfinished run; --resume continues it, --overwrite starts it again")
 
 
@@ -101,7 +111,7 @@ def distill(cfg: ExperimentConfig, ws: Workspace | None = None, resume: bool = F
         results = train_task(task, ws, eval_set, resume=resume)
         _write_results(cfg.run_dir, results)
         if cfg.train.analysis and not task.closed_set:
-            results.analysis = analyse(cfg, ws, task)
+            results.analysis = analyse(cfg, ws, task.student, task.class_embeddings())
             _write_results(cfg.run_dir, results)
         return results.to_dict()
 

@@ -18,10 +18,9 @@ from vlmdistill.progress import console, interactive, make_progress
 
 
 class TrainLog:
-    def __init__(self, cfg: ExperimentConfig, total: int, done: int) -> None:
-        self.cfg, self.total, self.done = cfg, total, done
+    def __init__(self, cfg: ExperimentConfig, total: int, steps_per_epoch: int, done: int) -> None:
+        self.cfg, self.total, self.steps_per_epoch, self.done = cfg, total, steps_per_epoch, done
         self.main = distributed.is_main()
-        self.steps_per_epoch = max(1, total // cfg.optim.epochs)
         self.writer = SummaryWriter(str(cfg.run_dir / "tensorboard")) if self.main else None
         self.bar = make_progress(cfg.train.progress and self.main, plain_lines=False)  # plain lines: written here
         self.plain = cfg.train.progress and self.main and not interactive()

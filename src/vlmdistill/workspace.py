@@ -21,6 +21,7 @@ from vlmdistill.device import resolve_device
 from vlmdistill.progress import console
 from vlmdistill.teachers import Teacher, load_teacher
 from vlmdistill.text.labels import LabelSpace
+from vlmdistill.text.prompt_learner import PromptLearner, class_prompt_texts
 from vlmdistill.text.textbank import embed_texts
 
 ViewFactory = Callable[[int], Views]
@@ -96,6 +97,30 @@ def class_text_embeddings(cfg: ExperimentConfig, ws: Workspace) -> tuple[torch.T
         return ws.text_embeddings[prompts]
 
     return embedded(ws.dataset.id_space), embedded(ws.dataset.ood_space)
+
+
+def context_class_texts(cfg: ExperimentConfig, ws: Workspace) -> tuple[list[str], list[str]]:
+    """The ID and OOD class texts a learned context is prepended to ("{name}." or "{name} . {desc}.")."""
+
+    def texts(space: LabelSpace) -> list[str]:
+        return class_prompt_texts(space.names, [c.description for c in space.classes] if use else None)
+
+    use = cfg.text.use_descriptions
+    return texts(ws.dataset.id_space), texts(ws.dataset.ood_space)
+
+
+@torch.no_grad()
+def run_class_embeddings(cfg: ExperimentConfig, ws: Workspace, context: torch.Tensor | None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ID and OOD class embeddings a trained student is scored against, on CPU: the teacher's prompt
+    embeddings, or those of the run's learned prompt context when it learned one."""
+    if not cfg.text.learn_context or context is None:
+        w_id, w_ood = class_text_embeddings(cfg, ws)
+        return w_id.cpu(), w_ood.cpu()
+    id_texts, ood_texts = context_class_texts(cfg, ws)
+    learner = PromptLearner(ws.teacher, [], n_ctx=len(context)).to(ws.teacher.device)
+    learner.ctx.copy_(context)
+    return learner(id_texts).cpu(), learner(ood_texts).cpu()
 
 
 @dataclass

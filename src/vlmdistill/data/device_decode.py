@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from vlmdistill.data.compact import Record, record_key_path
+from vlmdistill.data.images import BadImageError, Interpolation, ResizeMode, decode_image, is_plain_jpeg
 from vlmdistill.data.stream import read_member
-from vlmdistill.images import BadImageError, Interpolation, ResizeMode, decode_image, is_plain_jpeg
 
 
 def read_encoded(record: Record, base_size: int, resize: ResizeMode, interpolation: Interpolation) -> torch.Tensor:

@@ -21,8 +21,8 @@ from torch.utils.data import Dataset as TorchDataset
 from vlmdistill.data.compact import record_key_path
 from vlmdistill.data.dataset import Record
 from vlmdistill.data.device_decode import collate_encoded, decode_batch, read_encoded
+from vlmdistill.data.images import BadImageError, Interpolation, ResizeMode, load_image
 from vlmdistill.data.stream import ShardStream, load_member, shard_groups
-from vlmdistill.images import BadImageError, Interpolation, ResizeMode, load_image
 
 
 def _ignore_stop_signals(_: int) -> None:

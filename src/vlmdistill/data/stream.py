@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from vlmdistill.data.compact import Record, Records, record_key_path
-from vlmdistill.images import BadImageError, Interpolation, ResizeMode, decode_image
+from vlmdistill.data.images import BadImageError, Interpolation, ResizeMode, decode_image
 
 
 def read_member(record: Record) -> bytes:

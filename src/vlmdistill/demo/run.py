@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import yaml
 
-from vlmdistill.config import load_config, validate_config
+from vlmdistill.config import validate_config
 from vlmdistill.data.prepare import prepare
 from vlmdistill.demo.report import (
     plot_embeddings,
@@ -29,11 +29,12 @@ from vlmdistill.demo.report import (
 from vlmdistill.demo.teacher import TeacherRecipe, train_teacher
 from vlmdistill.demo.unlabeled import PoolKind, ensure_pool
 from vlmdistill.demo.world import WorldParams, ensure_world
-from vlmdistill.evaluate import evaluate_teacher, restore_task, student_features, teacher_features
+from vlmdistill.evaluate import evaluate_teacher, restore_student, student_features, teacher_features
 from vlmdistill.fewshot import run_fewshot
 from vlmdistill.io import atomic_write_json
 from vlmdistill.progress import console
 from vlmdistill.results import METRICS, metric_value
+from vlmdistill.runfolder import RunFolder
 from vlmdistill.train import distill
 from vlmdistill.workspace import Workspace, build_workspace
 
@@ -170,9 +171,9 @@ def _plots(out: Path, ws: Workspace, per_seed: dict[str, list[dict[str, Any]]]) 
     plot_training_curves(histories, out / "training_curves.png")
     students = {}
     for key in ("cls", "best_desc"):
-        cfg = load_config(Path(per_seed[key][0]["run_dir"]) / "config.yaml")
-        task = restore_task(cfg, ws, cfg.run_dir)
-        students[key], _ = student_features(task.student, cfg, ws.ood_val)
+        cfg = RunFolder(Path(per_seed[key][0]["run_dir"])).config()
+        student, _ = restore_student(cfg, ws, cfg.run_dir)
+        students[key], _ = student_features(student, cfg, ws.ood_val)
     teacher, _ = teacher_features(cfg, ws, ws.ood_val)
     labels = torch.tensor(ws.dataset.ood_val.labels)
     plot_embeddings(teacher, students, labels, out / "embeddings_2d.png")

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
+from vlmdistill.data.images import load_image
 from vlmdistill.data.views import render, sample_views
-from vlmdistill.images import load_image
 from vlmdistill.io import atomic_save_tensors, atomic_write_json, read_json, sha256_file, sha256_strings
 from vlmdistill.progress import make_progress
 

@@ -67,6 +67,24 @@ def read_label_file(path: Path) -> list[ClassInfo]:
     return classes
 
 
+def _is_label_line(line: str) -> bool:
+    fields = line.strip().split(" ")
+    return len(fields) == 3 and fields[1].isascii() and fields[1].isdigit()
+
+
+def read_class_list(path: Path) -> list[ClassInfo]:
+    """A ``label2text.txt`` (every line ``<dir> <id> <name>``), else a plain file of one class name a line."""
+    path = Path(path)
+    if not path.is_file():
+        raise LabelFileError(f"class file {path} does not exist: give a label2text.txt or one class name a line")
+    lines = [ln.strip() for ln in _lines(path) if ln.strip()]
+    if not lines:
+        raise LabelFileError(f"class file {path} lists no classes: give one name a line")
+    if all(map(_is_label_line, lines)):
+        return read_label_file(path)
+    return [ClassInfo(dir=name, id=i + 1, name=name) for i, name in enumerate(lines)]
+
+
 def read_descriptions(path: Path, classes: list[ClassInfo], label_path: Path | None = None) -> list[ClassInfo]:
     """Attach descriptions from a line-aligned text file or a JSON mapping keyed by folder or name."""
     path = Path(path)
