@@ -175,10 +175,11 @@ class DistilledModel:
                 self._class_embeddings = self.class_embeddings(self.class_names, self.descriptions)
             return self._class_embeddings
         if self.context is not None:
-            from vlmdistill.text.prompt_learner import class_texts
+            from vlmdistill.text.prompt_learner import class_prompt_texts
 
             use = self.cfg.text.use_descriptions and descriptions is not None and all(descriptions)
-            return self._text_tower().encode_with_context(class_texts(list(names), list(descriptions) if use else None))
+            texts = class_prompt_texts(list(names), list(descriptions) if use else None)
+            return self._text_tower().encode_with_context(texts)
         return self.encode_text(self.prompts(names, descriptions))
 
     @torch.no_grad()
