@@ -18,17 +18,22 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from vlmdistill import inputs
 from vlmdistill.checkpoint import checkpoint_paths, load_weights, prompt_path
 from vlmdistill.config import ExperimentConfig, load_config
 from vlmdistill.data.views import Views, render
 from vlmdistill.errors import VlmdistillError
-from vlmdistill.images import Interpolation, ResizeMode, fit_image, load_image
+from vlmdistill.images import BadImageError, Interpolation, ResizeMode, fit_image, load_image
 from vlmdistill.io import load_tensors, read_json
 from vlmdistill.students import Student, create_student
 
 log = logging.getLogger(__name__)
 
 ImageInput = Image.Image | str | Path | torch.Tensor
+"""PIL image, path, uint8 tensor (a decoded image) or float tensor (transformed pixels): ``vlmdistill.inputs``."""
+
+API_IMAGE_FIX = ("replace the file or leave it out (`vlmdistill predict` gives such a file a row of its own and "
+                 "predicts the rest)")
 
 MANIFEST = "manifest.json"
 WEIGHTS = "student.safetensors"
@@ -71,9 +76,12 @@ class Transform:
 
     def base(self, image: Image.Image | str | Path) -> torch.Tensor:
         """uint8 [3, base, base], decoded as every reader of the toolkit decodes (a path's errors name the file)."""
-        if not isinstance(image, Image.Image):
+        if isinstance(image, Image.Image):
+            return fit_image(image, self.base_size, self.resize, self.interpolation)
+        try:
             return load_image(Path(image), self.base_size, self.resize, self.interpolation)
-        return fit_image(image, self.base_size, self.resize, self.interpolation)
+        except BadImageError as err:
+            raise BadImageError(err.path, err.reason, API_IMAGE_FIX) from err.__cause__
 
     def __call__(self, image: Image.Image | str | Path) -> torch.Tensor:
         """float [3, image_size, image_size] in [0, 1]."""
@@ -86,12 +94,12 @@ class Transform:
 
 def read_classes(path: Path, descriptions: Path | None = None) -> tuple[list[str], list[str | None]]:
     """Class names from a label2text.txt or a plain file of one name a line, with optional descriptions."""
-    from vlmdistill.text.labels import ClassInfo, LabelFileError, read_descriptions, read_label_file
+    from vlmdistill.text.labels import ClassInfo, LabelFileError, _read_text, read_descriptions, read_label_file
 
     path = Path(path)
     if not path.is_file():
         raise LabelFileError(f"class file {path} does not exist")
-    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    lines = [ln.strip() for ln in _read_text(path).splitlines() if ln.strip()]
     if not lines:
         raise LabelFileError(f"class file {path} lists no classes: give one name a line")
     if all(len(f) == 3 and f[1].isdigit() for f in (ln.split(" ") for ln in lines)):
@@ -136,11 +144,9 @@ class DistilledModel:
         return self.student.mean.device
 
     def pixels(self, images: ImageInput | Sequence[ImageInput]) -> torch.Tensor:
-        """Any of PIL images, paths or already-transformed tensors -> [B, 3, S, S] in [0, 1]."""
-        if isinstance(images, torch.Tensor):
-            return images.unsqueeze(0) if images.dim() == 3 else images
-        items = [images] if isinstance(images, (Image.Image, str, Path)) else list(images)
-        return torch.stack([x if isinstance(x, torch.Tensor) else self.transform(x) for x in items])
+        """[B, 3, S, S] in [0, 1]: PIL images, paths and uint8 tensors through ``transform``, float tensors
+        checked to be transformed pixels already (``vlmdistill.inputs`` has the rules)."""
+        return inputs.to_pixels(images, self.transform, self.transform.image_size)
 
     @torch.no_grad()
     def encode_image(self, images: ImageInput | Sequence[ImageInput], batch_size: int = 64) -> torch.Tensor:
@@ -150,9 +156,10 @@ class DistilledModel:
         return F.normalize(torch.cat(out), dim=-1)
 
     @torch.no_grad()
-    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
-        """Unit-norm teacher text embeddings [N, D] of the texts exactly as given (no template)."""
-        return self._text_tower().encode(list(texts))
+    def encode_text(self, texts: str | Sequence[str]) -> torch.Tensor:
+        """Unit-norm teacher text embeddings [N, D] of the texts exactly as given (no template); a string is
+        one text."""
+        return self._text_tower().encode(inputs.text_list(texts))
 
     def prompts(self, names: Sequence[str], descriptions: Sequence[str | None] | None = None) -> list[str]:
         """The run's prompt of each class: its template, with the description when the run used them."""
@@ -161,7 +168,10 @@ class DistilledModel:
         if t.use_descriptions and all(descs):
             return [t.description_template.format(name=n, description=d) for n, d in zip(names, descs, strict=True)]
         if t.use_descriptions:
-            log.warning("the run was trained with descriptions; classes without one use %r", t.template)
+            missing = len(descs) - sum(1 for d in descs if d)
+            log.warning("this run was trained with class descriptions, but %d of these %d classes have none, so "
+                        "all use the plain template %r (lower accuracy): give descriptions (predict "
+                        "--descriptions FILE, or descriptions= in the API)", missing, len(descs), t.template)
         return [t.template.format(name=n) for n in names]
 
     @torch.no_grad()
@@ -174,26 +184,33 @@ class DistilledModel:
                     raise TextTowerError(f"{self.source} stores no classes: give class names to classify")
                 self._class_embeddings = self.class_embeddings(self.class_names, self.descriptions)
             return self._class_embeddings
+        names = inputs.class_names(names)
+        if descriptions is not None and len(descriptions) != len(names):
+            raise inputs.InputError(f"descriptions has {len(descriptions)} entries for {len(names)} class names: "
+                                    "give one per class (None where a class has none)")
+        if descriptions is not None and any(descriptions) and not self.cfg.text.use_descriptions:
+            log.warning("this run was trained without class descriptions, so the descriptions given are not used")
         if self.context is not None:
             from vlmdistill.text.prompt_learner import class_prompt_texts
 
             use = self.cfg.text.use_descriptions and descriptions is not None and all(descriptions)
-            texts = class_prompt_texts(list(names), list(descriptions) if use else None)
+            texts = class_prompt_texts(names, list(descriptions) if use else None)
             return self._text_tower().encode_with_context(texts)
         return self.encode_text(self.prompts(names, descriptions))
 
     @torch.no_grad()
-    def scores(self, images: ImageInput | Sequence[ImageInput],
-               class_names: Sequence[str] | None = None) -> torch.Tensor:
+    def scores(self, images: ImageInput | Sequence[ImageInput], class_names: Sequence[str] | None = None,
+               descriptions: Sequence[str | None] | None = None) -> torch.Tensor:
         """Softmax probabilities [B, C] at the run's temperature over ``class_names`` (or the stored classes)."""
-        w = self.class_embeddings(class_names)
+        w = self.class_embeddings(class_names, descriptions)
         return (self.logit_scale * self.encode_image(images) @ w.T).softmax(-1)
 
     def classify(self, images: ImageInput | Sequence[ImageInput], class_names: Sequence[str] | None = None,
-                 top_k: int = 5) -> list[list[tuple[str, float]]]:
-        """Per image, the ``top_k`` (class name, probability) pairs, best first."""
-        names = list(class_names) if class_names is not None else self.class_names
-        probs = self.scores(images, class_names)
+                 top_k: int = 5, descriptions: Sequence[str | None] | None = None) -> list[list[tuple[str, float]]]:
+        """Per image, the ``top_k`` (class name, probability) pairs, best first (every class when fewer)."""
+        top_k = inputs.top_k(top_k)
+        names = inputs.class_names(class_names) if class_names is not None else self.class_names
+        probs = self.scores(images, names if class_names is not None else None, descriptions)
         top = probs.topk(min(top_k, probs.shape[1]), dim=1)
         return [[(names[int(i)], float(p)) for p, i in zip(ps, ix, strict=True)]
                 for ps, ix in zip(top.values, top.indices, strict=True)]
@@ -316,7 +333,10 @@ def _from_folder(folder: Path, device: str) -> DistilledModel:
 
 def load(path: str | Path, device: str = "cpu") -> DistilledModel:
     """A model folder (``vlmdistill export``) or a run directory (``runs/<name>``) as a ``DistilledModel``."""
-    path = Path(path)
+    path, device = Path(path), inputs.device(device)
+    if path.exists() and not path.is_dir():
+        raise ModelLoadError(f"{path} is a file, not a model folder: give the folder `vlmdistill export` wrote "
+                             f"(it holds {MANIFEST}) or a run directory (runs/<name>)")
     if not path.is_dir():
         raise ModelLoadError(f"{path} does not exist: give a `vlmdistill export` folder or a run directory")
     return _from_folder(path, device) if (path / MANIFEST).is_file() else _from_run(path, device)
