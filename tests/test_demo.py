@@ -22,8 +22,16 @@ def test_quick_demo_writes_report(tmp_path: Path) -> None:
     assert "ood_5shot_retrieval" in rows["best_desc"]["metrics"]
     assert "m_rel_ood" in rows["best"]["metrics"]
     assert summary["params"]["student"] < summary["params"]["teacher_image"]
+    from vlmdistill.api import load
+    from vlmdistill.students import count_parameters
+
+    exported = count_parameters(load(out / "seed0" / "best_desc").student)  # what export's manifest records
+    assert summary["params"]["student"] == exported
     report = (out / "report.md").read_text()
     assert "The paper's findings, checked" in report
+    assert f"Student: {exported:,} parameters" in report
+    assert "mean of the last 4 evaluations of its run" in report  # --quick trains 4 epochs, all in the tail
+    assert "mean of the last 2 evaluations of the fine-tuning" in report
     for png in ("ood_by_variant.png", "training_curves.png", "embeddings_2d.png"):
         assert (out / png).stat().st_size > 1000
     from vlmdistill.checkpoint import has_checkpoint
