@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -37,3 +38,15 @@ def test_quick_demo_writes_report(tmp_path: Path) -> None:
     from vlmdistill.checkpoint import has_checkpoint
 
     assert has_checkpoint(out / "seed0" / "best")
+
+
+def test_quick_demo_time_is_one_figure_everywhere() -> None:
+    """README and `demo --help` give --quick the same duration (measured: README, "The demo world")."""
+    import typer
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    demo = typer.main.get_command(app).commands["demo"]  # type: ignore[attr-defined]
+    help_text = next(p.help for p in demo.params if p.name == "quick")
+    mentions = [ln for ln in readme.splitlines() if "--quick" in ln] + [help_text]
+    durations = {d for ln in mentions for d in re.findall(r"(?:about |~)?\d+(?:-\d+)? ?(?:s|min)\b|one-minute", ln)}
+    assert durations == {"about 30 s"}, durations

@@ -212,7 +212,8 @@ def fewshot(
 
 @app.command()
 def demo(
-    quick: Annotated[bool, typer.Option(help="Small world, short training (~1 min); the tests run it.")] = False,
+    quick: Annotated[bool, typer.Option(help="Small world, short training (about 30 s on 2 cores); the tests "
+                                             "run it.")] = False,
     seeds: Annotated[int, typer.Option(help="Run every variant with seeds 0..N-1; the table shows mean ± std.")] = 1,
     out: Annotated[Path, typer.Option(help="Runs, report.md, results.json and plots go here.")] = Path("runs/demo"),
     cache_dir: Annotated[Path, typer.Option(help="World, teacher and target caches (reused).")] = Path(
