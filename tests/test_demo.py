@@ -45,7 +45,7 @@ def test_quick_demo_time_is_one_figure_everywhere() -> None:
     import typer
 
     readme = (Path(__file__).parents[1] / "README.md").read_text()
-    demo = typer.main.get_command(app).commands["demo"]  # type: ignore[attr-defined]
+    demo = typer.main.get_command(app).commands["demo"]
     help_text = next(p.help for p in demo.params if p.name == "quick")
     mentions = [ln for ln in readme.splitlines() if "--quick" in ln] + [help_text]
     durations = {d for ln in mentions for d in re.findall(r"(?:about |~)?\d+(?:-\d+)? ?(?:s|min)\b|one-minute", ln)}

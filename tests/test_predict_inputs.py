@@ -107,6 +107,8 @@ def test_empty_inputs(model: DistilledModel, image: Path) -> None:
         model.encode_image([])
     with pytest.raises(InputError, match="texts is empty"):
         model.encode_text([])
+    with pytest.raises(InputError, match="texts is a NoneType"):
+        model.encode_text(None)
     with pytest.raises(InputError, match="class_names is empty"):
         model.classify(image, [])
 

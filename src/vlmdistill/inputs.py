@@ -40,6 +40,8 @@ class InputError(VlmdistillError, ValueError):
 
 def text_list(texts: str | Sequence[str], what: str = "texts") -> list[str]:
     """A string is one text (as open_clip's tokenizer reads it); a sequence must hold strings, at least one."""
+    if not isinstance(texts, str | Sequence):
+        raise InputError(f"{what} is a {type(texts).__name__}: give a string or a list of strings")
     items = [texts] if isinstance(texts, str) else list(texts)
     if not items:
         raise InputError(f"{what} is empty: give at least one text, e.g. ['a photo of a cat']")
@@ -103,8 +105,8 @@ def device(name: str, what: str = "device") -> str:
     return name
 
 
-def image_list(images: Any) -> list[Any]:
-    """One image or a sequence of them as a list, at least one; a tensor batch is checked by ``tensor_pixels``."""
+def _image_list(images: Any) -> list[Any]:
+    """One image (a tensor may be a batch) or a sequence of them, as a list of at least one."""
     if isinstance(images, _ONE_IMAGE):
         return [images]
     if not isinstance(images, Sequence):
@@ -114,7 +116,7 @@ def image_list(images: Any) -> list[Any]:
     return list(images)
 
 
-def refuse_other(item: Any, where: str) -> None:
+def _refuse_other(item: Any, where: str) -> None:
     """Anything but a PIL image, path or tensor, with the fix for numpy arrays (the usual case)."""
     if isinstance(item, np.ndarray):
         raise InputError(
@@ -126,7 +128,7 @@ def refuse_other(item: Any, where: str) -> None:
         raise InputError(f"{where} is a {type(item).__name__}: give a PIL image, a path or a tensor")
 
 
-def uint8_images(t: torch.Tensor, where: str) -> list[Image.Image]:
+def _uint8_images(t: torch.Tensor, where: str) -> list[Image.Image]:
     """A uint8 [C, H, W] or [B, C, H, W] tensor as the PIL images with those pixels (grey, RGB or RGBA)."""
     batch = t.unsqueeze(0) if t.dim() == 3 else t
     if batch.dim() != 4 or batch.shape[1] not in (1, 3, 4) or min(batch.shape[2:]) < 1:
@@ -136,7 +138,7 @@ def uint8_images(t: torch.Tensor, where: str) -> list[Image.Image]:
     return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arrays]
 
 
-def float_pixels(t: torch.Tensor, size: int, where: str) -> torch.Tensor:
+def _float_pixels(t: torch.Tensor, size: int, where: str) -> torch.Tensor:
     """A float tensor checked to be transformed pixels: [B, 3, size, size] in [0, 1]."""
     batch = t.unsqueeze(0) if t.dim() == 3 else t
     shape = tuple(t.shape)
@@ -162,17 +164,17 @@ def float_pixels(t: torch.Tensor, size: int, where: str) -> torch.Tensor:
 
 def to_pixels(images: Any, transform: Callable[[Any], torch.Tensor], size: int) -> torch.Tensor:
     """Images of any accepted kind (the module's rules) -> float [B, 3, size, size] in [0, 1]."""
-    items = image_list(images)
+    items = _image_list(images)
     out: list[torch.Tensor] = []
     for i, item in enumerate(items):
         where = "images" if isinstance(images, _ONE_IMAGE) else f"images[{i}]"
-        refuse_other(item, where)
+        _refuse_other(item, where)
         if not isinstance(item, torch.Tensor):
             out.append(transform(item))
         elif item.dtype == torch.uint8:
-            out += [transform(im) for im in uint8_images(item, where)]
+            out += [transform(im) for im in _uint8_images(item, where)]
         elif item.is_floating_point():
-            out += list(float_pixels(item, size, where))
+            out += list(_float_pixels(item, size, where))
         else:
             raise InputError(f"{where} is a {item.dtype} tensor: give uint8 (a decoded image, 0-255) or float "
                              "(transformed pixels in [0, 1])")
