@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -22,10 +23,30 @@ def test_quick_demo_writes_report(tmp_path: Path) -> None:
     assert "ood_5shot_retrieval" in rows["best_desc"]["metrics"]
     assert "m_rel_ood" in rows["best"]["metrics"]
     assert summary["params"]["student"] < summary["params"]["teacher_image"]
+    from vlmdistill.api import load
+    from vlmdistill.students import count_parameters
+
+    exported = count_parameters(load(out / "seed0" / "best_desc").student)  # what export's manifest records
+    assert summary["params"]["student"] == exported
     report = (out / "report.md").read_text()
     assert "The paper's findings, checked" in report
+    assert f"Student: {exported:,} parameters" in report
+    assert "mean of the last 4 evaluations of its run" in report  # --quick trains 4 epochs, all in the tail
+    assert "mean of the last 2 evaluations of the fine-tuning" in report
     for png in ("ood_by_variant.png", "training_curves.png", "embeddings_2d.png"):
         assert (out / png).stat().st_size > 1000
     from vlmdistill.runfolder import RunFolder
 
     assert RunFolder(out / "seed0" / "best").has_checkpoint()
+
+
+def test_quick_demo_time_is_one_figure_everywhere() -> None:
+    """README and `demo --help` give --quick the same duration (measured: README, "The demo world")."""
+    import typer
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    demo = typer.main.get_command(app).commands["demo"]
+    help_text = next(p.help for p in demo.params if p.name == "quick")
+    mentions = [ln for ln in readme.splitlines() if "--quick" in ln] + [help_text]
+    durations = {d for ln in mentions for d in re.findall(r"(?:about |~)?\d+(?:-\d+)? ?(?:s|min)\b|one-minute", ln)}
+    assert durations == {"about 30 s"}, durations

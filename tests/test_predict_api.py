@@ -94,10 +94,11 @@ def test_open_clip_text_tower_matches_the_teacher(run: Path, model_dir: Path) ->
 
 
 def test_predict_reports_bad_files_and_predicts_the_rest(model_dir: Path, folder: Path) -> None:
-    rows = predict(load(model_dir), [folder, folder / "missing.jpg"], ["red circle", "blue square", "cat"], top_k=2)
+    (folder / "gone.png").symlink_to(folder / "missing.png")
+    rows = predict(load(model_dir), [folder], ["red circle", "blue square", "cat"], top_k=2)
     by_name = {Path(r.path).name: r for r in rows}
     assert len(rows) == 6 and "notes.txt" not in by_name
-    assert by_name["broken.png"].error and by_name["missing.jpg"].error
+    assert by_name["broken.png"].error and by_name["gone.png"].error
     good = [r for r in rows if r.error is None]
     assert len(good) == 4
     for r in good:

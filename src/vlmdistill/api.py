@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from vlmdistill import inputs
 from vlmdistill.config import ExperimentConfig, load_config
-from vlmdistill.data.images import Interpolation, ResizeMode, fit_image, load_image
+from vlmdistill.data.images import BadImageError, Interpolation, ResizeMode, fit_image, load_image
 from vlmdistill.data.views import Views, render
 from vlmdistill.errors import VlmdistillError
 from vlmdistill.io import read_json
@@ -29,6 +30,10 @@ from vlmdistill.students import Student
 log = logging.getLogger(__name__)
 
 ImageInput = Image.Image | str | Path | torch.Tensor
+"""PIL image, path, uint8 tensor (a decoded image) or float tensor (transformed pixels): ``vlmdistill.inputs``."""
+
+API_IMAGE_FIX = ("replace the file or leave it out (`vlmdistill predict` gives such a file a row of its own and "
+                 "predicts the rest)")
 
 MANIFEST = "manifest.json"
 WEIGHTS = "student.safetensors"
@@ -71,9 +76,12 @@ class Transform:
 
     def base(self, image: Image.Image | str | Path) -> torch.Tensor:
         """uint8 [3, base, base], decoded as every reader of the toolkit decodes (a path's errors name the file)."""
-        if not isinstance(image, Image.Image):
+        if isinstance(image, Image.Image):
+            return fit_image(image, self.base_size, self.resize, self.interpolation)
+        try:
             return load_image(Path(image), self.base_size, self.resize, self.interpolation)
-        return fit_image(image, self.base_size, self.resize, self.interpolation)
+        except BadImageError as err:
+            raise BadImageError(err.path, err.reason, API_IMAGE_FIX) from err.__cause__
 
     def __call__(self, image: Image.Image | str | Path) -> torch.Tensor:
         """float [3, image_size, image_size] in [0, 1]."""
@@ -127,11 +135,9 @@ class DistilledModel:
         return self.student.mean.device
 
     def pixels(self, images: ImageInput | Sequence[ImageInput]) -> torch.Tensor:
-        """Any of PIL images, paths or already-transformed tensors -> [B, 3, S, S] in [0, 1]."""
-        if isinstance(images, torch.Tensor):
-            return images.unsqueeze(0) if images.dim() == 3 else images
-        items = [images] if isinstance(images, (Image.Image, str, Path)) else list(images)
-        return torch.stack([x if isinstance(x, torch.Tensor) else self.transform(x) for x in items])
+        """[B, 3, S, S] in [0, 1]: PIL images, paths and uint8 tensors through ``transform``, float tensors
+        checked to be transformed pixels already (``vlmdistill.inputs`` has the rules)."""
+        return inputs.to_pixels(images, self.transform, self.transform.image_size)
 
     @torch.no_grad()
     def encode_image(self, images: ImageInput | Sequence[ImageInput], batch_size: int = 64) -> torch.Tensor:
@@ -141,9 +147,10 @@ class DistilledModel:
         return F.normalize(torch.cat(out), dim=-1)
 
     @torch.no_grad()
-    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
-        """Unit-norm teacher text embeddings [N, D] of the texts exactly as given (no template)."""
-        return self._text_tower().encode(list(texts))
+    def encode_text(self, texts: str | Sequence[str]) -> torch.Tensor:
+        """Unit-norm teacher text embeddings [N, D] of the texts exactly as given (no template); a string is
+        one text."""
+        return self._text_tower().encode(inputs.text_list(texts))
 
     def prompts(self, names: Sequence[str], descriptions: Sequence[str | None] | None = None) -> list[str]:
         """The run's prompt of each class: its template, with the description when the run used them."""
@@ -152,7 +159,10 @@ class DistilledModel:
         if t.use_descriptions and all(descs):
             return [t.description_template.format(name=n, description=d) for n, d in zip(names, descs, strict=True)]
         if t.use_descriptions:
-            log.warning("the run was trained with descriptions; classes without one use %r", t.template)
+            missing = len(descs) - sum(1 for d in descs if d)
+            log.warning("this run was trained with class descriptions, but %d of these %d classes have none, so "
+                        "all use the plain template %r (lower accuracy): give descriptions (predict "
+                        "--descriptions FILE, or descriptions= in the API)", missing, len(descs), t.template)
         return [t.template.format(name=n) for n in names]
 
     @torch.no_grad()
@@ -165,6 +175,12 @@ class DistilledModel:
                     raise TextTowerError(f"{self.source} stores no classes: give class names to classify")
                 self._class_embeddings = self.class_embeddings(self.class_names, self.descriptions)
             return self._class_embeddings
+        names = inputs.class_names(names)
+        if descriptions is not None and len(descriptions) != len(names):
+            raise inputs.InputError(f"descriptions has {len(descriptions)} entries for {len(names)} class names: "
+                                    "give one per class (None where a class has none)")
+        if descriptions is not None and any(descriptions) and not self.cfg.text.use_descriptions:
+            log.warning("this run was trained without class descriptions, so the descriptions given are not used")
         if self.context is not None:
             from vlmdistill.text.prompt_learner import class_prompt_texts
 
@@ -178,16 +194,17 @@ class DistilledModel:
         return (self.logit_scale * embeddings @ class_embeddings.T).softmax(-1)
 
     @torch.no_grad()
-    def scores(self, images: ImageInput | Sequence[ImageInput],
-               class_names: Sequence[str] | None = None) -> torch.Tensor:
+    def scores(self, images: ImageInput | Sequence[ImageInput], class_names: Sequence[str] | None = None,
+               descriptions: Sequence[str | None] | None = None) -> torch.Tensor:
         """Softmax probabilities [B, C] at the run's temperature over ``class_names`` (or the stored classes)."""
-        return self.probabilities(self.encode_image(images), self.class_embeddings(class_names))
+        return self.probabilities(self.encode_image(images), self.class_embeddings(class_names, descriptions))
 
     def classify(self, images: ImageInput | Sequence[ImageInput], class_names: Sequence[str] | None = None,
-                 top_k: int = 5) -> list[list[tuple[str, float]]]:
-        """Per image, the ``top_k`` (class name, probability) pairs, best first."""
-        names = list(class_names) if class_names is not None else self.class_names
-        probs = self.scores(images, class_names)
+                 top_k: int = 5, descriptions: Sequence[str | None] | None = None) -> list[list[tuple[str, float]]]:
+        """Per image, the ``top_k`` (class name, probability) pairs, best first (every class when fewer)."""
+        top_k = inputs.top_k(top_k)
+        names = inputs.class_names(class_names) if class_names is not None else self.class_names
+        probs = self.scores(images, names if class_names is not None else None, descriptions)
         top = probs.topk(min(top_k, probs.shape[1]), dim=1)
         return [[(names[int(i)], float(p)) for p, i in zip(ps, ix, strict=True)]
                 for ps, ix in zip(top.values, top.indices, strict=True)]
@@ -302,7 +319,10 @@ def _from_folder(folder: Path, device: str) -> DistilledModel:
 
 def load(path: str | Path, device: str = "cpu") -> DistilledModel:
     """A model folder (``vlmdistill export``) or a run directory (``runs/<name>``) as a ``DistilledModel``."""
-    path = Path(path)
+    path, device = Path(path), inputs.device(device)
+    if path.exists() and not path.is_dir():
+        raise ModelLoadError(f"{path} is a file, not a model folder: give the folder `vlmdistill export` wrote "
+                             f"(it holds {MANIFEST}) or a run directory (runs/<name>)")
     if not path.is_dir():
         raise ModelLoadError(f"{path} does not exist: give a `vlmdistill export` folder or a run directory")
     return _from_folder(path, device) if (path / MANIFEST).is_file() else _from_run(path, device)

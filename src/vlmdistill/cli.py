@@ -212,7 +212,8 @@ def fewshot(
 
 @app.command()
 def demo(
-    quick: Annotated[bool, typer.Option(help="Small world, short training (~1 min); the tests run it.")] = False,
+    quick: Annotated[bool, typer.Option(help="Small world, short training (about 30 s on 2 cores); the tests "
+                                             "run it.")] = False,
     seeds: Annotated[int, typer.Option(help="Run every variant with seeds 0..N-1; the table shows mean ± std.")] = 1,
     out: Annotated[Path, typer.Option(help="Runs, report.md, results.json and plots go here.")] = Path("runs/demo"),
     cache_dir: Annotated[Path, typer.Option(help="World, teacher and target caches (reused).")] = Path(
@@ -391,29 +392,57 @@ def export_cmd(
                      f"{oc['parity_max_abs_diff']:.1e})" if oc else ""))
 
 
+def _predict_classes(labels: Path | None, classes: str | None, descriptions: Path | None
+                     ) -> tuple[list[str] | None, list[str | None] | None]:
+    """Class names (None: the model's stored classes) and their descriptions, from --labels or --classes."""
+    from vlmdistill import inputs
+    from vlmdistill.api import read_classes
+    from vlmdistill.text.labels import ClassInfo, read_descriptions
+
+    if labels is not None and classes is not None:
+        raise inputs.InputError("give --labels or --classes, not both")
+    if labels is not None:
+        names, descs = read_classes(labels, descriptions)
+        return inputs.class_names(names, f"--labels {labels}"), descs
+    if classes is None:
+        if descriptions is not None:
+            raise inputs.InputError("--descriptions describes the classes of --labels or --classes; the model's "
+                                    "stored classes carry their own")
+        return None, None
+    names = inputs.parse_class_list(classes)
+    if descriptions is None:
+        return names, None
+    infos = read_descriptions(descriptions, [ClassInfo(dir=n, id=i + 1, name=n) for i, n in enumerate(names)],
+                              Path("--classes"))
+    return names, [c.description for c in infos]
+
+
 @app.command("predict")
 def predict_cmd(
     model_dir: Annotated[Path, typer.Argument(help="A model folder (vlmdistill export) or a run directory.")],
     images: Annotated[list[Path], typer.Argument(help="Image files and folders (searched recursively).")],
     labels: Annotated[Path | None, typer.Option(help="Class names: one a line, or a label2text.txt.")] = None,
     classes: Annotated[str | None, typer.Option(help='Comma-separated class names, e.g. "cat,dog,bird".')] = None,
-    top_k: Annotated[int, typer.Option(help="Labels per image.")] = 5,
+    descriptions: Annotated[Path | None, typer.Option(help="Descriptions of the --labels / --classes classes: a "
+                                                           "line-aligned chatgpt.txt or JSON {class: text}; used "
+                                                           "when the run was trained with descriptions.")] = None,
+    top_k: Annotated[int, typer.Option(help="Labels per image (1 or more; all classes when fewer).")] = 5,
     out: Annotated[Path | None, typer.Option(help="Write predictions to a .jsonl or .csv file.")] = None,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N, mps or auto.")] = "cpu",
 ) -> None:
     """Top-k classes of each image; new class names go through the teacher's text tower. Unreadable
     images are reported one by one and the rest are still predicted."""
-    from vlmdistill.api import load, read_classes
-    from vlmdistill.predict import format_rows, predict, write_predictions
+    from vlmdistill import inputs
+    from vlmdistill.api import load
+    from vlmdistill.predict import format_rows, output_kind, predict, write_predictions
 
-    if labels is not None and classes is not None:
-        console.print("[bold red]error:[/] give --labels or --classes, not both")
-        raise typer.Exit(2)
-    names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
-    if labels is not None:
-        names = _run(read_classes, labels)[0]
+    _run(inputs.top_k, top_k, "--top-k")
+    _run(inputs.device, device, "--device")
+    if out is not None:
+        _run(output_kind, out)
+    names, descs = _run(_predict_classes, labels, classes, descriptions)
     model = _run(load, model_dir, device)
-    rows = _run(predict, model, images, names, top_k)
+    rows = _run(predict, model, images, names, top_k, descriptions=descs)
     if out is not None:
         _run(write_predictions, rows, out)
     else:

@@ -17,15 +17,17 @@ Interpolation = Literal["bicubic", "bilinear"]
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
 
+TRAINING_FIX = ("replace or delete the file, or set data.skip_bad_images=true to skip such images (they are "
+                "counted in results.json)")
+"""The way out where a dataset is read (train, eval, cache); a reader of single images gives its own ``fix``."""
+
+
 class BadImageError(VlmdistillError, RuntimeError):
     """An image that cannot be read; the message names the file and the way out."""
 
-    def __init__(self, path: Path, reason: str) -> None:
-        self.path = Path(path)
-        super().__init__(
-            f"cannot read image {path}: {reason}. Fix: replace or delete the file, "
-            "or set data.skip_bad_images=true to skip such images (they are counted in results.json)"
-        )
+    def __init__(self, path: Path, reason: str, fix: str = TRAINING_FIX) -> None:
+        self.path, self.reason = Path(path), reason
+        super().__init__(f"cannot read image {path}: {reason}. Fix: {fix}")
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:

@@ -164,6 +164,23 @@ def plot_embeddings(teacher: torch.Tensor, students: dict[str, torch.Tensor], la
     atomic_save_figure(path, fig, dpi=120)
 
 
+def _counts(summary: dict[str, Any], key: str) -> str:
+    """The distinct evaluation counts of the distilled rows ("5", or "4 or 5" if rows differ)."""
+    counts = sorted({r[key] for k, r in summary["rows"].items() if k != "teacher" and r.get(key)})
+    return " or ".join(map(str, counts)) or "1"
+
+
+def averaging_note(summary: dict[str, Any]) -> str:
+    """What each number of the table is: which evaluations it averages, and over how many seeds."""
+    seeds = summary["seeds"]
+    over = f" then mean ± std over the {seeds} seeds" if seeds > 1 else ""
+    few = _counts(summary, "fewshot_averaged_over")
+    return (f"Each ID, OOD 0-shot and GZSL H number is the mean of the last {_counts(summary, 'averaged_over')} "
+            f"evaluations of its run (train.average_last, as the paper reports),{over}; OOD 5-shot ft is the mean "
+            f"of the last {few} evaluations of the fine-tuning; OOD 5-shot Tip, the M_* and MSE columns and the "
+            "teacher's row are one evaluation of the final model.")
+
+
 def write_report(summary: dict[str, Any], out: Path) -> None:
     header, rows = table_rows(summary)
     lines = [
@@ -175,7 +192,9 @@ def write_report(summary: dict[str, Any], out: Path) -> None:
         "",
         f"Teacher: {summary['params']['teacher']:,} parameters ({summary['params']['teacher_image']:,} in its image "
         f"tower), {summary['latency_ms']['teacher']:.2f} ms per image. Student: {summary['params']['student']:,} "
-        f"parameters, {summary['latency_ms']['student']:.2f} ms per image (CPU, batch 1).",
+        f"parameters, {summary['latency_ms']['student']:.2f} ms per image (CPU, batch 1). Parameters are the "
+        "learnable weights, as `vlmdistill export` counts them: the student's backbone and its projection to the "
+        "teacher's space (the closed-set baseline's head, one output per class, is not this size).",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
@@ -185,6 +204,8 @@ def write_report(summary: dict[str, Any], out: Path) -> None:
         "5-shot: after adaptation with 5 images per OOD class (finetune / Tip-Adapter retrieval), scored on the "
         "remaining OOD images. GZSL H: harmonic mean of ID and OOD recall when scored over all classes together. "
         "M_* are the paper's §6 metrics (M_vlalign and MSE: lower is better).",
+        "",
+        averaging_note(summary),
         "",
         "## The paper's findings, checked",
         "",

@@ -157,8 +157,8 @@ def run_demo(out: Path, cache: Path, quick: bool = False, seeds: int = 1, overri
     labels = {"teacher": "Teacher zero-shot", **{r.key: r.label for r in rows}}
     summary = summarise(per_seed, labels, scale, time.perf_counter() - start, seeds)
     summary["timing_s"] = {k: round(v, 1) for k, v in timing.items()}
-    summary["latency_ms"], teacher_image = _latency(ws, cfg)
-    summary["params"] = {**summary["rows"][rows[0].key]["params"], "teacher_image": teacher_image}
+    summary["latency_ms"], params = _latency(ws, cfg)
+    summary["params"] = {"teacher": summary["rows"][rows[0].key]["params"]["teacher"], **params}
     atomic_write_json(out / "results.json", summary)
     plot_ood_by_variant(summary, out / "ood_by_variant.png")
     write_report(summary, out)
@@ -179,8 +179,10 @@ def _plots(out: Path, ws: Workspace, per_seed: dict[str, list[dict[str, Any]]]) 
     plot_embeddings(teacher, students, labels, out / "embeddings_2d.png")
 
 
-def _latency(ws: Workspace, cfg: Any) -> tuple[dict[str, float], int]:
-    """Median per-image CPU latency (batch 1) of the student and of the teacher's image tower."""
+def _latency(ws: Workspace, cfg: Any) -> tuple[dict[str, float], dict[str, int]]:
+    """Median per-image CPU latency (batch 1) of the student and of the teacher's image tower, and their
+    parameter counts. The student is the open-vocabulary one (head = projection to the teacher's space),
+    counted as ``export`` counts it; the closed-set baseline's head has one output per class instead."""
     from vlmdistill.students import count_parameters, create_student
 
     student = create_student(cfg.student, ws.teacher.embed_dim).eval()
@@ -200,7 +202,7 @@ def _latency(ws: Workspace, cfg: Any) -> tuple[dict[str, float], int]:
         return statistics.median(times)
 
     latency = {"student": median_ms(lambda: student(x)), "teacher": median_ms(lambda: visual(tx))}
-    return latency, count_parameters(visual)
+    return latency, {"student": count_parameters(student), "teacher_image": count_parameters(visual)}
 
 
 def summarise(per_seed: dict[str, list[dict[str, Any]]], labels: dict[str, str], scale: DemoScale, seconds: float,
@@ -216,7 +218,10 @@ def summarise(per_seed: dict[str, list[dict[str, Any]]], labels: dict[str, str],
                                "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values),
                                "values": values}
         train_s = [r["train"]["seconds"] for r in runs if r.get("train")]
+        finetune = ((runs[0].get("fewshot") or {}).get("finetune") or {})
         rows[key] = {"label": labels[key], "metrics": stats,
+                     "averaged_over": runs[0].get("averaged_over", 1),
+                     "fewshot_averaged_over": finetune.get("averaged_over"),
                      "train_seconds": statistics.fmean(train_s) if train_s else None,
                      "runs": [r.get("run") for r in runs], "params": {
                          "teacher": runs[0]["teacher"]["params"],
