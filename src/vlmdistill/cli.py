@@ -379,15 +379,21 @@ def export_cmd(
     descriptions: Annotated[Path | None, typer.Option(help="Descriptions of --labels: chatgpt.txt or JSON.")] = None,
     open_clip: Annotated[bool, typer.Option("--open-clip", help="Also write an open_clip model (timm "
                                             "student + the teacher's text tower) in OUT/open_clip.")] = False,
+    text_tower: Annotated[bool, typer.Option(help="Carry the teacher's text tower in OUT/text, so the folder "
+                                             "classifies new class names anywhere; --no-text-tower ships the "
+                                             "stored class embeddings alone.")] = True,
 ) -> None:
-    """A self-contained model folder: weights, manifest, class text embeddings and model.onnx."""
+    """A self-contained model folder: weights, manifest, class text embeddings, model.onnx, the text tower."""
     from vlmdistill.export import export_model
 
-    manifest = _run(export_model, run_dir, out, labels=labels, descriptions=descriptions, open_clip=open_clip)
-    oc = manifest["open_clip"]
+    manifest = _run(export_model, run_dir, out, labels=labels, descriptions=descriptions, open_clip=open_clip,
+                    text_tower=text_tower)
+    oc, tt = manifest["open_clip"], manifest["text_tower"]
     console.print(f"wrote {out}: {manifest['student']['arch']} ({manifest['student']['parameters']:,} parameters), "
                   f"{len(manifest['classes'])} classes, model.onnx (max |onnx - torch| "
                   f"{manifest['onnx']['parity_max_abs_diff']:.1e})"
+                  + (f", text tower in {out / tt['dir']} (max |saved - teacher| {tt['parity_max_abs_diff']:.1e})"
+                     if tt else ", no text tower (stored classes only)")
                   + (f", open_clip model in {out / oc['dir']} (max |open_clip - student| "
                      f"{oc['parity_max_abs_diff']:.1e})" if oc else ""))
 
