@@ -36,7 +36,14 @@ from vlmdistill.api import (
 )
 from vlmdistill.config import ExperimentConfig, load_config
 from vlmdistill.errors import VlmdistillError
-from vlmdistill.io import atomic_save_tensors, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
+from vlmdistill.io import (
+    atomic_save_tensors,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    out_of_space,
+    read_json,
+)
 from vlmdistill.students import Student, count_parameters
 
 ONNX_OPSET = 17
@@ -219,13 +226,15 @@ def export_model(run_dir: Path, out: Path, labels: Path | None = None, descripti
     (out / MANIFEST).unlink(missing_ok=True)
     meta = {"student_arch": model.cfg.student.arch, "out_dim": str(model.student.out_dim),
             "image_size": str(model.transform.image_size), "teacher_id": model.teacher_id}
-    atomic_save_tensors(out / WEIGHTS, model.student.state_dict(), meta)
-    atomic_save_tensors(out / CLASSES, {"embeddings": classes})
-    atomic_write_text(out / CONFIG, (run_dir / "config.yaml").read_text(encoding="utf-8"))
-    if model.context is not None:
-        atomic_save_tensors(out / CONTEXT, {"ctx": model.context})
-    onnx_diff = write_onnx(model, classes, out / ONNX)
-    open_clip_info = export_open_clip(model, out / OPEN_CLIP_DIR) if open_clip else None
-    manifest = _manifest(model, run_dir, names, descs, onnx_diff, open_clip_info)
-    atomic_write_json(out / MANIFEST, manifest)
+    with out_of_space("the model folder", out, lambda: f"{out} has no {MANIFEST}, so nothing loads it half-written; "
+                                                       "free space and run export again"):
+        atomic_save_tensors(out / WEIGHTS, model.student.state_dict(), meta)
+        atomic_save_tensors(out / CLASSES, {"embeddings": classes})
+        atomic_write_text(out / CONFIG, (run_dir / "config.yaml").read_text(encoding="utf-8"))
+        if model.context is not None:
+            atomic_save_tensors(out / CONTEXT, {"ctx": model.context})
+        onnx_diff = write_onnx(model, classes, out / ONNX)
+        open_clip_info = export_open_clip(model, out / OPEN_CLIP_DIR) if open_clip else None
+        manifest = _manifest(model, run_dir, names, descs, onnx_diff, open_clip_info)
+        atomic_write_json(out / MANIFEST, manifest)
     return manifest
