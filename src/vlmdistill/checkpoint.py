@@ -150,6 +150,14 @@ def has_checkpoint(run_dir: Path) -> bool:
     return _current(run_dir) is not None or _legacy(run_dir)
 
 
+def intact_checkpoint(run_dir: Path) -> str:
+    """What a failed run still has, for its error line: ``checkpoint step 8 (<folder>) is intact``."""
+    unit = _current(run_dir)
+    if unit is not None:
+        return f"checkpoint step {_step_of(unit)} ({unit}) is intact"
+    return "the old-layout checkpoint is intact" if _legacy(run_dir) else "no checkpoint was saved yet"
+
+
 # ---- verified reading ------------------------------------------------------------------------------------
 
 def _manifest(folder: Path) -> dict[str, Any] | None:

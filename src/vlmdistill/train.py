@@ -15,13 +15,15 @@ from typing import Any
 import torch
 
 from vlmdistill import distributed
-from vlmdistill.checkpoint import has_checkpoint
+from vlmdistill.checkpoint import has_checkpoint, intact_checkpoint
 from vlmdistill.config import ExperimentConfig
 from vlmdistill.errors import RunError
 from vlmdistill.evaluate import analyse, score_student, skipped_images
-from vlmdistill.io import atomic_write_json, read_json
+from vlmdistill.integrity import Diverged, stop_on_lost_rank
+from vlmdistill.io import atomic_write_json, out_of_space, read_json
 from vlmdistill.loop import FitResult, fit
 from vlmdistill.results import RunResults, average_metrics
+from vlmdistill.resume_check import check_resume, config_history
 from vlmdistill.runlock import LOCK_FILE, run_lock
 from vlmdistill.students import count_parameters
 from vlmdistill.targets.lookup import open_targets
@@ -47,15 +49,17 @@ def _results(task: DistillTask, ws: Workspace, eval_set: EvalSet, fit_result: Fi
     metrics = {k: v for k, v in history[-1].items() if k not in ("epoch", "step")} if history else {}
     student = {"id": task.student.spec.id, "params": count_parameters(task.student)}
     results = RunResults.start("train", cfg, cfg.name, str(cfg.run_dir), ws.teacher, student, metrics)
-    results.complete = fit_result.complete
+    results.phase("train", fit_result.complete)
     results.history = history
+    results.config_changes = config_history(cfg.run_dir)
     tail = history[-cfg.train.average_last :]
     results.metrics_last_avg = average_metrics(tail) if tail else {}
     results.averaged_over = len(tail)
     pool = [task.pool.source] if task.pool is not None else []
     results.data = skipped_images(ws, task.train_set.source, eval_set.id_source, eval_set.ood_source, *pool)
     results.train = {"steps": fit_result.state.step, "seconds": round(fit_result.seconds, 2),
-                     "targets": task.targets.kind}
+                     "targets": task.targets.kind, "processes": distributed.world_size(),
+                     "threads": torch.get_num_threads()}
     return results
 
 
@@ -67,12 +71,24 @@ def _check_reuse(run_dir: Path, resume: bool, overwrite: bool) -> None:
     if resume or overwrite or not (results.is_file() or has_checkpoint(run_dir)):
         return
     try:
-        complete = results.is_file() and read_json(results).get("complete") is True
-    except (OSError, ValueError, AttributeError):
-        complete = False
-    if complete:
+        record = read_json(results) if results.is_file() else {}
+        missing = _missing_phases(record)
+    except (OSError, ValueError, AttributeError, TypeError):
+        missing = ["train"]
+    if not missing:
         raise RunError(f"run {run_dir} is complete ({results}); --overwrite trains it again, or use another name")
-    raise RunError(f"run {run_dir} holds an unfinished run; --resume continues it, --overwrite starts it again")
+    raise RunError(f"run {run_dir} holds an unfinished run (missing: {', '.join(missing)}); --resume continues it, "
+                   "--overwrite starts it again")
+
+
+def _missing_phases(record: dict[str, Any]) -> list[str]:
+    """The phases a results.json still lacks; one written before phases were recorded lacks its analysis when
+    that was asked for and is absent (a kill during the analysis left it saying complete)."""
+    if record.get("complete") is not True:
+        return list(record.get("missing_phases") or ["train"])
+    cfg = record.get("config") or {}
+    asked = (cfg.get("train") or {}).get("analysis", True) and not (cfg.get("loss") or {}).get("closed_set")
+    return ["analysis"] if asked and record.get("analysis") is None else []
 
 
 def _start_again(run_dir: Path) -> None:
@@ -84,13 +100,17 @@ def _start_again(run_dir: Path) -> None:
 
 
 def distill(cfg: ExperimentConfig, ws: Workspace | None = None, resume: bool = False,
-            overwrite: bool = False) -> dict[str, Any]:
+            overwrite: bool = False, allow_config_change: bool = False) -> dict[str, Any]:
     """Train a student as configured, add the analysis metrics, and write results.json.
 
     The run folder is locked against a second writer; an existing run is refused unless ``resume``
-    continues it or ``overwrite`` empties it first."""
-    with run_lock(cfg.run_dir):
+    continues it (with its own config, unless ``allow_config_change``) or ``overwrite`` empties it first.
+    results.json says ``complete`` only once every phase asked for (training, analysis) is done."""
+    with run_lock(cfg.run_dir), stop_on_lost_rank(cfg.run_dir), out_of_space(
+            "the run folder", cfg.run_dir, lambda: f"{intact_checkpoint(cfg.run_dir)}; free space there"):
         _check_reuse(cfg.run_dir, resume, overwrite)
+        if resume:
+            check_resume(cfg, allow_config_change)
         if overwrite and distributed.is_main():
             _start_again(cfg.run_dir)
         distributed.barrier()
@@ -98,12 +118,26 @@ def distill(cfg: ExperimentConfig, ws: Workspace | None = None, resume: bool = F
         ws = ws or build_workspace(cfg)
         train_set, eval_set = default_sets(ws, class_text_embeddings(cfg, ws)[0])
         task = DistillTask(cfg, ws, train_set)
-        results = train_task(task, ws, eval_set, resume=resume)
-        _write_results(cfg.run_dir, results)
+        try:
+            results = train_task(task, ws, eval_set, resume=resume)
+        except Diverged as err:
+            _write_results(cfg.run_dir, _diverged(task, ws, eval_set, err))
+            raise
         if cfg.train.analysis and not task.closed_set:
-            results.analysis = analyse(cfg, ws, task)
+            results.phase("analysis", False)
             _write_results(cfg.run_dir, results)
+            results.analysis = analyse(cfg, ws, task)
+            results.phase("analysis", True)
+        _write_results(cfg.run_dir, results)
         return results.to_dict()
+
+
+def _diverged(task: DistillTask, ws: Workspace, eval_set: EvalSet, err: Diverged) -> RunResults:
+    """The record of a run stopped by a divergence: its evaluations so far, never complete."""
+    results = _results(task, ws, eval_set, FitResult(err.state, 0.0, False))
+    results.failure = err.record()
+    results.train = {**(results.train or {}), "steps": err.step, "seconds": None}
+    return results
 
 
 def _write_results(run_dir: Path, results: RunResults) -> None:
