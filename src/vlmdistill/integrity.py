@@ -36,9 +36,9 @@ class Diverged(RunError):
         self.step, self.what, self.state = step, what, state
         self.checkpoint = intact_checkpoint(run_dir)
         super().__init__(
-            f"training diverged at step {step}: {what}; stopped without evaluating or saving it, "
-            f"{self.checkpoint}, results.json records the failure. Lower optim.lr (or set optim.grad_clip) "
-            "and train again with --overwrite")
+            f"training diverged at step {step}: {what}; nothing of it was evaluated or saved, {self.checkpoint} "
+            "and results.json records the failure: lower optim.lr or set optim.grad_clip, then continue from that "
+            "checkpoint with --resume --allow-config-change, or start again with --overwrite")
 
     def record(self) -> dict[str, Any]:
         """The failure as ``results.json`` keeps it."""
