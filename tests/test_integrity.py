@@ -108,6 +108,24 @@ def test_divergence_stops_at_its_step_keeps_the_last_good_checkpoint_and_is_reco
     assert change["trajectory"] == ["loss.temperature"]  # forced with --allow-config-change, and recorded
 
 
+def test_nonfinite_weights_are_never_saved(tmp_path: Path) -> None:
+    """The weight check in front of every checkpoint (and evaluation) names the tensor; nothing is written."""
+    from types import SimpleNamespace
+
+    from vlmdistill.checkpoint import LoopState
+    from vlmdistill.integrity import Diverged
+    from vlmdistill.loop import save
+
+    student = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    with torch.no_grad():
+        student[1].running_var[1] = float("nan")
+    task = SimpleNamespace(student=student, prompts=None, cfg=SimpleNamespace(run_dir=tmp_path))
+    with pytest.raises(Diverged, match=r"^training diverged at step 7: 1 of 2 values of 1\.running_var are not "
+                                       "finite; nothing of it was evaluated or saved, no checkpoint was saved yet"):
+        save(task, None, None, LoopState(step=7))  # type: ignore[arg-type]
+    assert not (tmp_path / "checkpoints").exists()
+
+
 # ---- 2. --resume cannot silently change the experiment ----------------------------------------------------
 
 def test_resume_refuses_changes_of_the_trajectory_and_records_allowed_ones(opts: list[str], stopped: Path) -> None:

@@ -27,6 +27,8 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 from torch import nn
 
+from vlmdistill.errors import VlmdistillError
+
 warnings.filterwarnings("ignore", message="torch.distributed.nn.functional", category=FutureWarning)
 
 
@@ -63,8 +65,9 @@ def shutdown() -> None:
 # ---- a lost rank: which one, without hanging -------------------------------------------------------------
 
 _HEARTBEAT_S, _LOST = 0.5, []  # _LOST: set once a collective failed because a rank is gone
-PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted",
-              "Socket Timeout", "timed out", "Connection refused")
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Connection refused",
+             "Socket Timeout", "Timed out waiting", "NCCL communicator was aborted", "collective operation timeout")
+"""What gloo and NCCL say when a collective fails because the other end is gone (or silent past the timeout)."""
 
 
 def _store(timeout_s: float = 5.0) -> Any:
@@ -97,7 +100,8 @@ def _start_heartbeat() -> None:
 
 def peer_lost(err: BaseException) -> bool:
     """Whether ``err`` is a collective that failed because another process of the job is gone."""
-    return active() and isinstance(err, RuntimeError) and any(s in str(err) for s in PEER_GONE)
+    ours = isinstance(err, VlmdistillError)
+    return active() and isinstance(err, RuntimeError) and not ours and any(s in str(err) for s in PEER_GONE)
 
 
 def lost_ranks(window_s: float = 4 * _HEARTBEAT_S) -> list[int] | None:

@@ -58,15 +58,19 @@ def nonfinite_loss(terms: dict[str, torch.Tensor]) -> str | None:
 
 
 def nonfinite_weight(modules: dict[str, nn.Module | torch.Tensor | None]) -> str | None:
-    """The first floating-point parameter or buffer holding NaN or infinity, described; None when all are finite."""
+    """The first floating-point parameter or buffer holding NaN or infinity, described; None when all are
+    finite. One read-back per module (on a GPU each is a sync)."""
     for prefix, module in modules.items():
-        if module is None:
+        named = module.state_dict() if isinstance(module, nn.Module) else {"": module} if module is not None else {}
+        tensors = {k: t.detach() for k, t in named.items() if t.is_floating_point()}
+        if not tensors:
             continue
-        named = module.state_dict().items() if isinstance(module, nn.Module) else [("", module)]
-        for key, t in named:
-            if t.is_floating_point() and not bool(t.detach().isfinite().all()):
-                n = int((~t.detach().isfinite()).sum())
-                return f"{n} of {t.numel()} values of {'.'.join(filter(None, (prefix, key)))} are not finite"
+        finite = torch.stack([t.isfinite().all() for t in tensors.values()]).cpu()
+        if bool(finite.all()):
+            continue
+        key, t = list(tensors.items())[int((~finite).nonzero()[0])]
+        n = int((~t.isfinite()).sum())
+        return f"{n} of {t.numel()} values of {'.'.join(filter(None, (prefix, key)))} are not finite"
     return None
 
 
