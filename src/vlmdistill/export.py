@@ -40,7 +40,14 @@ from vlmdistill.api import (
 )
 from vlmdistill.config import ExperimentConfig, config_to_dict
 from vlmdistill.errors import VlmdistillError
-from vlmdistill.io import atomic_save_tensors, atomic_write_bytes, atomic_write_json, atomic_write_text, replace_dir
+from vlmdistill.io import (
+    atomic_save_tensors,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    out_of_space,
+    replace_dir,
+)
 from vlmdistill.runfolder import ModelMeta, RunFolder
 from vlmdistill.students import Student, count_parameters
 from vlmdistill.texttower import TEXT_DIR, portable_hf_name, save_hf_text_files, save_text_tower, text_state
@@ -252,7 +259,9 @@ def export_model(run_dir: Path, out: Path, labels: Path | None = None, descripti
         raise ExportError(f"the dataset of {run_dir} ({model.cfg.data.dir}) is not there to name the classes: "
                           "give --labels FILE (one class name a line, or a label2text.txt)")
     classes = model.class_embeddings(names, descs if model.cfg.text.use_descriptions else None)
-    with replace_dir(out) as tmp:
+    with out_of_space("the model folder", out, lambda: f"{out} is as it was (the new folder was built aside and "
+                                                       "removed); free space and run export again"), \
+            replace_dir(out) as tmp:
         atomic_save_tensors(tmp / WEIGHTS, model.student.state_dict(),
                             ModelMeta.of(model.cfg, model.student, model.teacher_id).to_strings())
         atomic_save_tensors(tmp / CLASSES, {"embeddings": classes})
