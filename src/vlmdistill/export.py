@@ -34,6 +34,7 @@ from vlmdistill.api import (
     load,
     read_classes,
 )
+from vlmdistill.clip_benchmark import open_clip_preprocess
 from vlmdistill.config import ExperimentConfig
 from vlmdistill.errors import VlmdistillError
 from vlmdistill.io import atomic_save_tensors, atomic_write_bytes, atomic_write_json, atomic_write_text
@@ -158,8 +159,7 @@ def export_open_clip(model: DistilledModel, folder: Path) -> dict[str, Any]:
     state.update({f"visual.trunk.{k}": v for k, v in net.state_dict().items()})
     state["logit_scale"] = torch.full_like(state["logit_scale"], math.log(model.logit_scale))
     spec = model.student.spec
-    preprocess = {"size": [cfg.student.image_size] * 2, "mean": list(spec.mean), "std": list(spec.std),
-                  "interpolation": "bicubic", "resize_mode": "shortest"}
+    preprocess, view = open_clip_preprocess(cfg, list(spec.mean), list(spec.std))
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_json(folder / "open_clip_config.json", {"model_cfg": model_cfg, "preprocess_cfg": preprocess})
     atomic_save_tensors(folder / "open_clip_model.safetensors", state)
@@ -167,7 +167,7 @@ def export_open_clip(model: DistilledModel, folder: Path) -> dict[str, Any]:
         _save_hf_tokenizer(teacher, folder)
     diff = _check_open_clip(model, preprocess["mean"], preprocess["std"], folder)
     return {"dir": OPEN_CLIP_DIR, "model_name": f"local-dir:<model folder>/{OPEN_CLIP_DIR}",
-            "parity_max_abs_diff": diff, "learned_context_included": False}
+            "parity_max_abs_diff": diff, "learned_context_included": False, **view}
 
 
 def _manifest(model: DistilledModel, run_dir: Path, names: list[str], descs: list[str | None],
