@@ -402,7 +402,8 @@ def clip_benchmark_cmd(
     overrides: Overrides = None,
     split: Annotated[str, typer.Option(help="ood (the unseen classes: OOD-val over the OOD classes) or id_val "
                                             "(ID-val over the ID classes), as vlmdistill eval scores each.")] = "ood",
-    shard_size: Annotated[int, typer.Option(help="Images per tar shard.")] = 1000,
+    shard_size: Annotated[int, typer.Option(help="Images per tar shard at most (a split of 4 images or more is at "
+                                               "least 4 shards: one per CLIP_benchmark reader worker).")] = 1000,
 ) -> None:
     """Write a split in CLIP_benchmark's webdataset layout, with the class names and prompts vlmdistill eval
     scores with (from the same CONFIG and overrides), for `clip_benchmark eval` on an `export --open-clip`."""
