@@ -80,6 +80,17 @@ def test_expressible_view_is_open_clips_preprocess_to_the_pixel(odd_dataset: Pat
         assert torch.equal(ours(record.path), theirs), record.path
 
 
+def test_each_view_open_clip_cannot_express_is_named_with_the_fix() -> None:
+    cfg = view_config(Path("data"), "data.resize=squash", "data.interpolation=bilinear", "data.base_size=64",
+                      "data.eval_crop=0.875", "student.image_size=56", "data.decode=device")
+    preprocess, view = open_clip_preprocess(cfg, [0.5] * 3, [0.25] * 3)
+    assert preprocess == {"size": [56, 56], "mean": [0.5] * 3, "std": [0.25] * 3, "interpolation": "bilinear",
+                          "resize_mode": "squash"}
+    assert view["matches_vlmdistill_eval"] is False
+    assert all(part in view["reason"] for part in ("centre 0.875", "64 px", "on the device"))
+    assert "data.base_size=56 data.eval_crop=1 data.decode=cpu" in view["fix"]
+
+
 def test_split_has_clip_benchmarks_layout_and_evals_classes_and_prompts(prepared: Path, tmp_path: Path) -> None:
     cfg = view_config(prepared, "text.use_descriptions=true")
     out = tmp_path / "tiny_ood"
