@@ -130,6 +130,14 @@ def test_jpeg_source_is_stored_as_its_decoded_pixels(odd_dataset: Path, tmp_path
     assert not (tmp_path / "odd" / "class_prompts.json").exists()  # without descriptions the template says it all
 
 
+def test_a_dataset_in_tar_shards_gives_the_same_split(odd_dataset: Path, tmp_path: Path) -> None:
+    sharded = tmp_path / "sharded"
+    prepare(sharded, images=odd_dataset.parent / "images", seed=0, shards=True, shard_size=3)
+    write_clip_benchmark(view_config(odd_dataset), tmp_path / "loose")
+    write_clip_benchmark(view_config(sharded), tmp_path / "from_shards")
+    assert tar_members(tmp_path / "from_shards") == tar_members(tmp_path / "loose")
+
+
 def test_refusals_name_the_fix(prepared: Path, tmp_path: Path) -> None:
     foreign = tmp_path / "mine"
     foreign.mkdir()
