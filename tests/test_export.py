@@ -28,7 +28,7 @@ def png_paths(raw_images: Path, n: int = 12) -> list[Path]:
 def test_model_folder_is_self_contained(run: Path, model_dir: Path) -> None:
     m = json.loads((model_dir / "manifest.json").read_text())
     results = json.loads((run / "results.json").read_text())
-    assert m["format"] == "vlmdistill-model/1"
+    assert m["format"] == "vlmdistill-model/2"
     assert m["student"]["arch"] == "resnet10t" and m["student"]["out_dim"] == 32
     assert m["preprocessing"]["transform"] == {"base_size": 40, "resize": "center_crop", "eval_crop": 0.875,
                                                 "image_size": 32, "interpolation": "bicubic"}
@@ -43,6 +43,12 @@ def test_model_folder_is_self_contained(run: Path, model_dir: Path) -> None:
     student.load_state_dict(read_tensors(model_dir / "student.safetensors"))
     assert (model_dir / "model.onnx").is_file() and (model_dir / "config.yaml").is_file()
     assert m["onnx"]["parity_max_abs_diff"] < 1e-4 and m["open_clip"]["parity_max_abs_diff"] < 1e-4
+    assert m["text_tower"]["parity_max_abs_diff"] < 1e-4 and (model_dir / "text" / "open_clip_config.json").is_file()
+    assert m["source_run"] == run.name
+    for f in model_dir.rglob("*"):  # no written file names a path outside the folder
+        if f.suffix in (".json", ".yaml", ".txt"):
+            text = f.read_text()
+            assert str(run.parent) not in text and "/tmp" not in text and "site-packages" not in text, f
 
 
 def test_onnx_agrees_with_pytorch_on_real_images(model_dir: Path, raw_images: Path) -> None:
@@ -62,7 +68,7 @@ def test_onnx_agrees_with_pytorch_on_real_images(model_dir: Path, raw_images: Pa
     assert np.abs(one - emb[:1]).max() < 1e-5
 
 
-def test_open_clip_model_is_the_student_and_the_teachers_text(model_dir: Path, raw_images: Path) -> None:
+def test_open_clip_model_is_the_student_and_the_teachers_text(run: Path, model_dir: Path, raw_images: Path) -> None:
     import open_clip
 
     name = f"local-dir:{model_dir / 'open_clip'}"
@@ -84,7 +90,7 @@ def test_open_clip_model_is_the_student_and_the_teachers_text(model_dir: Path, r
     # the teacher's own text tower, loaded from the run's config, gives the same embeddings
     from vlmdistill.api import _TeacherText
 
-    teacher_text = _TeacherText(model.teacher(), None).encode(prompts)
+    teacher_text = _TeacherText(load(run).teacher(), None).encode(prompts)
     assert (text - teacher_text).abs().max() < 1e-5
 
 
@@ -116,3 +122,166 @@ def test_cli_export_with_new_labels(run: Path, tmp_path: Path) -> None:
     stored = load_tensors(out / "classes.safetensors")["embeddings"]
     assert torch.allclose(stored, load(run).class_embeddings(["purple triangle", "orange star", "red circle"]),
                           atol=1e-6)
+
+
+def _classify_elsewhere(folder: Path, cwd: Path, names: list[str], images: list[Path]) -> list[list[float]]:
+    """``vlmdistill.load(folder).scores`` in a fresh process run from ``cwd`` (the HF hub unreachable)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import json, sys, vlmdistill; m = vlmdistill.load(sys.argv[1]); "
+            "print(json.dumps(m.scores(sys.argv[3:], json.loads(sys.argv[2])).tolist()))")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", code, str(folder), json.dumps(names), *map(str, images)],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def test_moved_model_folder_classifies_new_names_without_its_teacher(
+    run: Path, tmp_path: Path, raw_images: Path, open_clip_teacher_files: tuple[Path, Path]
+) -> None:
+    """Issue 17: export, move the folder, rename the teacher's files away, run from another directory: new class
+    names score exactly as before the move."""
+    import shutil
+
+    names, images = ["purple triangle", "orange star", "red circle"], png_paths(raw_images, 4)
+    folder = tmp_path / "made-here" / "model"
+    export_model(run, folder)
+    before = load(folder).scores(images, names)
+    moved = tmp_path / "elsewhere" / "model"
+    moved.parent.mkdir()
+    shutil.move(str(folder), str(moved))
+    teacher_dir = open_clip_teacher_files[0].parent
+    hidden = teacher_dir.with_name(teacher_dir.name + "-renamed")
+    teacher_dir.rename(hidden)
+    try:
+        cwd = tmp_path / "cwd"
+        cwd.mkdir()
+        after = torch.tensor(_classify_elsewhere(moved, cwd, names, images))
+    finally:
+        hidden.rename(teacher_dir)
+    assert torch.allclose(after, before, atol=1e-6)
+
+
+def test_plain_open_clip_loads_a_moved_export_from_another_directory(
+    run: Path, model_dir: Path, tmp_path: Path, raw_images: Path
+) -> None:
+    """The --open-clip folder in a fresh process that imports only open_clip, from another directory, after the
+    folder moved: the same image and text embeddings as vlmdistill.load before the move."""
+    import shutil
+    import subprocess
+    import sys
+
+    model = load(model_dir)
+    prompts = ["a photo of purple triangle", "a photo of red circle"]
+    pixels = torch.stack([model.transform(p) for p in png_paths(raw_images, 3)])
+    want_image, want_text = model.encode_image(pixels), model.encode_text(prompts)
+    moved = tmp_path / "moved"
+    shutil.copytree(model_dir / "open_clip", moved)
+    torch.save(pixels, tmp_path / "pixels.pt")
+    code = ("import json, sys, torch, open_clip; "
+            "m, _, pre = open_clip.create_model_and_transforms('local-dir:' + sys.argv[1]); m.eval(); "
+            "tok = open_clip.get_tokenizer('local-dir:' + sys.argv[1]); norm = pre.transforms[-1]; "
+            "x = torch.load(sys.argv[2]); "
+            "i = m.encode_image(norm(x), normalize=True); t = m.encode_text(tok(json.loads(sys.argv[3])), "
+            "normalize=True); print(json.dumps([i.tolist(), t.tolist()]))")
+    with torch.no_grad():
+        proc = subprocess.run([sys.executable, "-c", code, str(moved), str(tmp_path / "pixels.pt"),
+                               json.dumps(prompts)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    image, text = (torch.tensor(v) for v in json.loads(proc.stdout.splitlines()[-1]))
+    assert (image - want_image).abs().max() < 1e-5 and (text - want_text).abs().max() < 1e-5
+
+
+def test_no_text_tower_folder_scores_stored_classes_and_says_how_to_get_new_ones(
+    run: Path, tmp_path: Path, raw_images: Path
+) -> None:
+    from vlmdistill.texttower import TextTowerError
+
+    folder = tmp_path / "bare"
+    manifest = export_model(run, folder, text_tower=False)
+    assert manifest["text_tower"] is None and not (folder / "text").exists()
+    model = load(folder)
+    images = png_paths(raw_images, 2)
+    assert torch.allclose(model.scores(images), load(run).scores(images, model.class_names), atol=1e-5)
+    with pytest.raises(TextTowerError, match=r"without the teacher's text tower.*without --no-text-tower"):
+        model.classify(images, ["a cat", "a dog"])
+
+
+def test_a_failed_export_leaves_the_earlier_folder_whole(run: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import vlmdistill.export as export_mod
+
+    folder = tmp_path / "model"
+    export_model(run, folder, text_tower=False)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    def broken(*args: object, **kwargs: object) -> float:
+        raise OSError("disk went away")
+
+    monkeypatch.setattr(export_mod, "write_onnx", broken)
+    with pytest.raises(OSError, match="disk went away"):
+        export_model(run, folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".model")]
+    with pytest.raises(ExportError, match="not a model folder"):
+        export_model(run, run.parent)
+
+
+@pytest.fixture(scope="module")
+def hf_text_run(tmp_path_factory: pytest.TempPathFactory, prepared: Path) -> tuple[Path, Path]:
+    """A tiny run whose open_clip teacher has a Hugging Face text tower, named by a local folder (as the demo
+    teacher's MiniLM is): a 1-layer BERT with MiniLM's own tokenizer files. Returns (run, text tower folder)."""
+    import shutil
+
+    import open_clip
+    from transformers import BertConfig
+
+    from _tiny_run import tiny_run
+    from vlmdistill.demo.teacher import text_model_dir
+
+    root = tmp_path_factory.mktemp("hf-text")
+    hf = root / "bert-text"
+    hf.mkdir()
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(Path(text_model_dir()) / name, hf / name)
+    BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+               max_position_embeddings=64).save_pretrained(hf)
+    cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 32,
+                                           "patch_size": 8},
+           "text_cfg": {"hf_model_name": str(hf), "hf_tokenizer_name": str(hf), "hf_proj_type": "linear",
+                        "hf_pooler_type": "mean_pooler", "hf_model_pretrained": False, "context_length": 32}}
+    teacher = root / "teacher"
+    teacher.mkdir()
+    cfg_path = teacher / "tiny-hf-text.json"
+    cfg_path.write_text(json.dumps(cfg))
+    open_clip.add_model_config(cfg_path)
+    torch.manual_seed(0)
+    torch.save(open_clip.create_model("tiny-hf-text", pretrained_text=False).state_dict(), teacher / "tiny-hf-text.pt")
+    return tiny_run(root, prepared, (cfg_path, teacher / "tiny-hf-text.pt"), name="hf-text"), hf
+
+
+def test_moved_folder_with_a_hugging_face_text_tower_needs_neither_its_source_nor_the_teacher(
+    hf_text_run: tuple[Path, Path], tmp_path: Path, raw_images: Path
+) -> None:
+    import shutil
+
+    run, hf = hf_text_run
+    names, images = ["purple triangle", "red circle"], png_paths(raw_images, 3)
+    folder = tmp_path / "model"
+    manifest = export_model(run, folder, open_clip=True)
+    cfg = json.loads((folder / "open_clip" / "open_clip_config.json").read_text())["model_cfg"]["text_cfg"]
+    assert cfg["hf_model_name"] == manifest["open_clip"]["hf_text_tower"]["hub_id"]
+    assert str(hf) not in json.dumps(cfg) and (folder / "text" / "config.json").is_file()
+    before = load(folder).scores(images, names)
+    moved = tmp_path / "moved"
+    shutil.move(str(folder), str(moved))
+    hidden = [p.rename(p.with_name(p.name + "-renamed")) for p in (hf, hf.parent / "teacher")]
+    try:
+        after = torch.tensor(_classify_elsewhere(moved, tmp_path, names, images))
+    finally:
+        for p in hidden:
+            p.rename(p.with_name(p.name.removesuffix("-renamed")))
+    assert torch.allclose(after, before, atol=1e-6)

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -73,14 +72,11 @@ def test_load_reproduces_the_runs_ood_score(run: Path) -> None:
 
 def test_new_class_names_without_a_text_tower_fail_clearly(model_dir: Path, tmp_path: Path, raw_images: Path) -> None:
     bare = tmp_path / "bare"
-    shutil.copytree(model_dir, bare, ignore=shutil.ignore_patterns("open_clip"))
-    cfg = yaml.safe_load((bare / "config.yaml").read_text())
-    cfg["teacher"]["checkpoint"] = str(tmp_path / "gone.pt")
-    (bare / "config.yaml").write_text(yaml.safe_dump(cfg))
+    shutil.copytree(model_dir, bare, ignore=shutil.ignore_patterns("open_clip", "text"))
     model = load(bare)
     paths = sorted(raw_images.rglob("*.png"))[:2]
     assert len(model.classify(paths, top_k=2)[0]) == 2  # the stored classes need no text tower
-    with pytest.raises(TextTowerError, match="only the 8 classes stored"):
+    with pytest.raises(TextTowerError, match="only its 8 stored classes"):
         model.classify(paths, ["a cat", "a dog"])
     res = CliRunner().invoke(app, ["predict", str(bare), str(paths[0]), "--classes", "cat,dog"])
     assert res.exit_code == 2 and "text tower" in res.output

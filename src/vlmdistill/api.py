@@ -26,6 +26,7 @@ from vlmdistill.errors import VlmdistillError
 from vlmdistill.io import read_json
 from vlmdistill.runfolder import RunFolder, SavedStudent, read_tensors
 from vlmdistill.students import Student
+from vlmdistill.texttower import TEXT_DIR, TextTowerError, open_text_tower
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ CONFIG = "config.yaml"
 CONTEXT = "prompt_context.safetensors"
 ONNX = "model.onnx"
 OPEN_CLIP_DIR = "open_clip"
-FORMAT = "vlmdistill-model/1"
+FORMAT = "vlmdistill-model/2"
 
 
 class ModelLoadError(VlmdistillError, ValueError):
@@ -52,10 +53,6 @@ class ModelLoadError(VlmdistillError, ValueError):
 class ClosedSetError(ModelLoadError):
     """The closed-set baseline is a classifier over its training classes, not an encoder in the teacher's
     space: it cannot score new class names, so it is not exported or loaded as a zero-shot model."""
-
-
-class TextTowerError(VlmdistillError, RuntimeError):
-    """New class names need the teacher's text tower, and none is available."""
 
 
 @dataclass(frozen=True)
@@ -127,7 +124,7 @@ class DistilledModel:
         self.class_names, self.descriptions = class_names, descriptions
         self._class_embeddings, self.context, self.manifest = class_embeddings, context, manifest or {}
         self.logit_scale = 1.0 / cfg.loss.temperature
-        self._text: _TeacherText | _OpenClipText | None = None
+        self._text: _TeacherText | None = None
         self._teacher: Any = None
 
     @property
@@ -215,7 +212,7 @@ class DistilledModel:
             self._teacher = _load_teacher(self)
         return self._teacher
 
-    def _text_tower(self) -> _TeacherText | _OpenClipText:
+    def _text_tower(self) -> _TeacherText:
         if self._text is None:
             self._text = _open_text_tower(self)
         return self._text
@@ -239,21 +236,6 @@ class _TeacherText:
         return learner().cpu()
 
 
-class _OpenClipText:
-    """The text tower carried in a model folder's open_clip export (no teacher download needed)."""
-
-    def __init__(self, folder: Path, device: torch.device) -> None:
-        import open_clip
-
-        name = f"local-dir:{folder}"
-        self.model = open_clip.create_model(name, device=device).eval()
-        self.tokenizer, self.device = open_clip.get_tokenizer(name), device
-
-    def encode(self, texts: list[str]) -> torch.Tensor:
-        tokens = self.tokenizer(texts).to(self.device)
-        return self.model.encode_text(tokens, normalize=True).float().cpu()
-
-
 def _load_teacher(m: DistilledModel) -> Any:
     from vlmdistill.teachers import load_teacher
 
@@ -264,7 +246,7 @@ def _load_teacher(m: DistilledModel) -> Any:
     except VlmdistillError as err:
         raise TextTowerError(
             f"new class names need the teacher's text tower, and the teacher of {where} cannot be loaded: {err}. "
-            f"Without it {stored}; `vlmdistill export --open-clip` puts the text tower into the model folder"
+            f"Without it {stored}; `vlmdistill export` puts the text tower into the model folder"
         ) from err
     if m.teacher_id and teacher.id != m.teacher_id:
         raise TextTowerError(
@@ -275,12 +257,16 @@ def _load_teacher(m: DistilledModel) -> Any:
     return teacher
 
 
-def _open_text_tower(m: DistilledModel) -> _TeacherText | _OpenClipText:
-    """The model folder's open_clip text tower, else the run's teacher (checked to be the same weights)."""
-    oc = m.source / OPEN_CLIP_DIR
-    if m.context is None and (oc / "open_clip_config.json").is_file():
-        return _OpenClipText(oc, m.device)
-    return _TeacherText(m.teacher(), m.context)
+def _open_text_tower(m: DistilledModel) -> _TeacherText:
+    """A model folder's own text tower (``text/``), else the run's teacher (checked to be the same weights)."""
+    if not (m.source / MANIFEST).is_file():
+        return _TeacherText(m.teacher(), m.context)
+    if not (m.source / TEXT_DIR).is_dir():
+        raise TextTowerError(
+            f"{m.source} was exported without the teacher's text tower (--no-text-tower): only its "
+            f"{len(m.class_names)} stored classes can be scored (give no class names). Export the run again "
+            "without --no-text-tower to classify new names")
+    return _TeacherText(open_text_tower(m.source / TEXT_DIR, str(m.device)), m.context)
 
 
 def _from_run(run: Path, device: str) -> DistilledModel:

@@ -134,6 +134,12 @@ def has_checkpoint(run_dir: Path) -> bool:
     return current_unit(run_dir) is not None
 
 
+def intact_checkpoint(run_dir: Path) -> str:
+    """What a failed run still has, for its error line: ``checkpoint step 8 (<folder>) is intact``."""
+    unit = current_unit(run_dir)
+    return f"checkpoint step {_step_of(unit)} ({unit}) is intact" if unit is not None else "no checkpoint was saved yet"
+
+
 # ---- verified reading ------------------------------------------------------------------------------------
 
 def _manifest(folder: Path) -> dict[str, Any] | None:

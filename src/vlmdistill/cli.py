@@ -51,6 +51,23 @@ def _run(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         raise typer.Exit(2) from None
 
 
+def _train_error(err: VlmdistillError, again: str) -> typer.Exit:
+    """A train job's error line: a full disk or a lost rank left the run resumable, so the line ends with the
+    resume command; a lost rank is reported by one survivor, whatever rank it is (the others stay quiet)."""
+    from vlmdistill.integrity import RankLost
+    from vlmdistill.io import DiskFullError
+
+    if isinstance(err, RankLost | DiskFullError):
+        under = " (under torchrun, as before)" if isinstance(err, RankLost) else ""
+        err_line = f"{err}; resume with: {again}{under}"
+    else:
+        err_line = str(err)
+    if isinstance(err, RankLost) and err.speaks:
+        console.quiet = False
+    console.print(f"[bold red]error:[/] {err_line}", soft_wrap=True)
+    return typer.Exit(2)
+
+
 @app.callback()
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
     logging.basicConfig(
@@ -125,6 +142,9 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue from <run>/checkpoints if present.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Train again over an existing run of this name, deleting its "
                                                  "checkpoints and results (its teacher/ results stay).")] = False,
+    allow_config_change: Annotated[bool, typer.Option(help="With --resume: accept overrides that change the "
+                                                           "training itself (seed, lr, loss weights...); each change "
+                                                           "is recorded with its step.")] = False,
 ) -> None:
     """Distill a student: writes checkpoints, TensorBoard logs and results.json into output_dir/name.
 
@@ -136,11 +156,13 @@ def train(
     from vlmdistill.train import distill
 
     cfg = _load(config, overrides)
+    again = shlex.join(["vlmdistill", "train", str(config), *(overrides or []), "--resume"])
     try:
-        results = _run(distill, cfg, resume=resume, overwrite=overwrite)
+        results = distill(cfg, resume=resume, overwrite=overwrite, allow_config_change=allow_config_change)
     except RunInterrupted as stop:
-        again = shlex.join(["vlmdistill", "train", str(config), *(overrides or []), "--resume"])
         raise _interrupted(stop, f"resume with: {again}") from None
+    except VlmdistillError as err:
+        raise _train_error(err, again) from None
     out_console.print(rich_table(*comparison_rows([results]), title=str(cfg.run_dir)))
     _skipped_line(results, cfg.run_dir / "results.json")
 
@@ -379,15 +401,21 @@ def export_cmd(
     descriptions: Annotated[Path | None, typer.Option(help="Descriptions of --labels: chatgpt.txt or JSON.")] = None,
     open_clip: Annotated[bool, typer.Option("--open-clip", help="Also write an open_clip model (timm "
                                             "student + the teacher's text tower) in OUT/open_clip.")] = False,
+    text_tower: Annotated[bool, typer.Option(help="Carry the teacher's text tower in OUT/text, so the folder "
+                                             "classifies new class names anywhere; --no-text-tower ships the "
+                                             "stored class embeddings alone.")] = True,
 ) -> None:
-    """A self-contained model folder: weights, manifest, class text embeddings and model.onnx."""
+    """A self-contained model folder: weights, manifest, class text embeddings, model.onnx, the text tower."""
     from vlmdistill.export import export_model
 
-    manifest = _run(export_model, run_dir, out, labels=labels, descriptions=descriptions, open_clip=open_clip)
-    oc = manifest["open_clip"]
+    manifest = _run(export_model, run_dir, out, labels=labels, descriptions=descriptions, open_clip=open_clip,
+                    text_tower=text_tower)
+    oc, tt = manifest["open_clip"], manifest["text_tower"]
     console.print(f"wrote {out}: {manifest['student']['arch']} ({manifest['student']['parameters']:,} parameters), "
                   f"{len(manifest['classes'])} classes, model.onnx (max |onnx - torch| "
                   f"{manifest['onnx']['parity_max_abs_diff']:.1e})"
+                  + (f", text tower in {out / tt['dir']} (max |saved - teacher| {tt['parity_max_abs_diff']:.1e})"
+                     if tt else ", no text tower (stored classes only)")
                   + (f", open_clip model in {out / oc['dir']} (max |open_clip - student| "
                      f"{oc['parity_max_abs_diff']:.1e})" if oc else ""))
     if oc and not oc["matches_vlmdistill_eval"]:

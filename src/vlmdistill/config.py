@@ -8,21 +8,47 @@ saves, so a run directory always says exactly what produced it.
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from vlmdistill.errors import VlmdistillError
 
-# Ranges every numeric key must lie in: a value outside one is refused with the key and the range,
-# instead of running (epochs=0 "completes" untrained) or failing deep inside torch (batch_size=0).
-Count = Annotated[int, Field(ge=1)]
-NonNegativeInt = Annotated[int, Field(ge=0)]
-Positive = Annotated[float, Field(gt=0)]
-NonNegative = Annotated[float, Field(ge=0)]
-Fraction = Annotated[float, Field(gt=0, le=1)]
+_NUMBER = re.compile(r"[-+]?(\d[\d_]*\.?[\d_]*|\.\d[\d_]*)([eE][-+]?\d+)?|[-+]?\.?(inf|infinity|nan)", re.IGNORECASE)
+
+
+def _number(value: Any) -> Any:
+    """YAML 1.1 reads ``1e-3`` and ``inf`` (no dot) as strings: such a string is read as the number it spells."""
+    return float(value) if isinstance(value, str) and _NUMBER.fullmatch(value.strip()) else value
+
+
+# Every number is strict and finite: ``true`` is not 1, ``3.0`` is not an integer, ``inf`` and ``nan`` are
+# refused. Ranges every numeric key must lie in: a value outside one is refused with the key and the range,
+# instead of running (epochs=0 "completes" untrained, epochs=1e21 never ends) or failing deep inside torch
+# (batch_size=0, lr=1e308). The upper bounds are far above anything meant; README "Reliability" states them.
+MAX_EPOCHS, MAX_BATCH, MAX_STEPS, MAX_LR = 10_000, 2**20, 10**9, 100.0
+Int = Annotated[int, Field(strict=True, le=2**63 - 1)]
+Real = Annotated[float, BeforeValidator(_number), Field(strict=True, allow_inf_nan=False)]
+Count = Annotated[Int, Field(ge=1)]
+NonNegativeInt = Annotated[Int, Field(ge=0)]
+Epochs = Annotated[Int, Field(ge=1, le=MAX_EPOCHS)]
+BatchSize = Annotated[Int, Field(ge=1, le=MAX_BATCH)]
+Steps = Annotated[Int, Field(ge=1, le=MAX_STEPS)]
+Positive = Annotated[Real, Field(gt=0)]
+NonNegative = Annotated[Real, Field(ge=0)]
+Fraction = Annotated[Real, Field(gt=0, le=1)]
+LearningRate = Annotated[Real, Field(gt=0, le=MAX_LR)]
 
 
 class _Strict(BaseModel):
@@ -42,7 +68,7 @@ class TeacherConfig(_Strict):
     model_config_path: Path | None = Field(default=None, alias="model_config")
     device: str = "auto"
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
-    batch_size: Count = 256
+    batch_size: BatchSize = 256
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, protected_namespaces=())
 
@@ -52,8 +78,8 @@ class StudentConfig(_Strict):
 
     arch: str = "tv:resnet18"
     pretrained: bool = False
-    image_size: Annotated[int, Field(ge=8)] = 224
-    drop_path: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    image_size: Annotated[Int, Field(ge=8)] = 224
+    drop_path: Annotated[Real, Field(ge=0, lt=1)] = 0.0
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -66,7 +92,7 @@ class DataConfig(_Strict):
     has the workers read JPEG bytes and decodes them on the training device (``data/device_decode.py``)."""
 
     dir: Path = Path("data")
-    base_size: Annotated[int, Field(ge=8)] = 256
+    base_size: Annotated[Int, Field(ge=8)] = 256
     resize: Literal["squash", "center_crop"] = "center_crop"
     augment_per: Literal["image", "batch"] = "image"
     crop_scale: tuple[Fraction, Fraction] = (0.08, 1.0)
@@ -149,16 +175,16 @@ class OptimConfig(_Strict):
     """SGD + step schedule (paper ResNet) or AdamW + OneCycle (paper ViT)."""
 
     name: Literal["sgd", "adamw"] = "sgd"
-    lr: Positive = 0.05
-    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    lr: LearningRate = 0.05
+    momentum: Annotated[Real, Field(ge=0, lt=1)] = 0.9
     weight_decay: NonNegative = 1e-4
     schedule: Literal["step", "onecycle", "constant"] = "step"
     milestones: tuple[Positive, ...] = (1 / 3, 2 / 3)
     gamma: Positive = 0.1
-    epochs: Count = 90
-    repeat_epochs: Count = 1
-    batch_size: Count = 128
-    eval_batch_size: Count = 256
+    epochs: Epochs = 90
+    repeat_epochs: Epochs = 1
+    batch_size: BatchSize = 128
+    eval_batch_size: BatchSize = 256
     grad_clip: Positive | None = None
     onecycle_per: Literal["step", "epoch"] = "step"
 
@@ -171,8 +197,8 @@ class TrainConfig(_Strict):
     average_last: Count = 5
     checkpoint_every: Count = 1
     log_every: Count = 10
-    log_minutes: Annotated[float, Field(gt=0)] = 5.0
-    max_steps: Count | None = None
+    log_minutes: Positive = 5.0
+    max_steps: Steps | None = None
     progress: bool = True
     analysis: bool = True
     analysis_max_images: Count | None = 2000
@@ -187,9 +213,9 @@ class FewShotConfig(_Strict):
     shots: Count = 5
     selection: Literal["seeded", "first"] = "seeded"
     methods: tuple[Literal["finetune", "retrieval"], ...] = ("finetune", "retrieval")
-    epochs: Count = 20
-    repeat_epochs: Count | None = None
-    lr: Positive = 0.003
+    epochs: Epochs = 20
+    repeat_epochs: Epochs | None = None
+    lr: LearningRate = 0.003
     alpha: NonNegative = 1.0
     beta: NonNegative = 5.5
     keys: Literal["student", "teacher"] = "student"
@@ -310,11 +336,14 @@ _BOUNDS = {"greater_than": ("gt", ">"), "greater_than_equal": ("ge", ">="),
 
 
 def _describe_error(error: Any) -> str:
-    """One line per bad key; range violations read ``optim.epochs must be >= 1, got 0``."""
+    """One line per bad key; range violations read ``optim.epochs must be >= 1, got 0``, type errors
+    ``optim.epochs: Input should be a valid integer, got True``."""
     key = ".".join(str(p) for p in error["loc"])
     if error["type"] in _BOUNDS:
         name, symbol = _BOUNDS[error["type"]]
         return f"{key} must be {symbol} {error['ctx'][name]}, got {error['input']!r}"
+    if error["type"] in ("int_type", "float_type", "finite_number", "bool_type"):
+        return f"{key}: {error['msg']}, got {error['input']!r}"
     return f"{key}: {error['msg']}"
 
 

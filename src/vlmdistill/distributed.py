@@ -13,15 +13,21 @@ order one process would hold it.
 from __future__ import annotations
 
 import os
+import re
+import threading
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 from torch import nn
+
+from vlmdistill.errors import VlmdistillError
 
 warnings.filterwarnings("ignore", message="torch.distributed.nn.functional", category=FutureWarning)
 
@@ -32,17 +38,87 @@ def init_from_env() -> bool:
         return True
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
+    torch.set_num_threads(pinned_threads())
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl", device_id=torch.device("cuda", torch.cuda.current_device()))
     else:
         dist.init_process_group("gloo")
+    _start_heartbeat()
     return True
 
 
+def pinned_threads() -> int:
+    """Intra-op threads of every rank: ``OMP_NUM_THREADS`` when set, else 1. torchrun sets it to 1 only when a
+    node runs several processes, so 1 node x 2 processes ran on one thread and 2 nodes x 1 process on every
+    core, and their float sums, hence their weights, differed; pinned, the layout does not change a number."""
+    found = re.match(r"\s*(\d+)", os.environ.get("OMP_NUM_THREADS", ""))
+    return max(1, int(found.group(1))) if found else 1
+
+
 def shutdown() -> None:
-    if dist.is_initialized():
+    """Leave the process group; not after a rank was lost, where tearing down a broken group can block."""
+    if dist.is_initialized() and not _LOST:
         dist.destroy_process_group()
+
+
+# ---- a lost rank: which one, without hanging -------------------------------------------------------------
+
+_HEARTBEAT_S, _LOST = 0.5, []  # _LOST: set once a collective failed because a rank is gone
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Connection refused",
+             "Socket Timeout", "Timed out waiting", "NCCL communicator was aborted", "collective operation timeout")
+"""What gloo and NCCL say when a collective fails because the other end is gone (or silent past the timeout)."""
+
+
+def _store(timeout_s: float = 5.0) -> Any:
+    """A client of the job's rendezvous store (torchrun's agent holds it), or None where it is unreachable."""
+    host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not host or not port:
+        return None
+    try:
+        return dist.TCPStore(host, int(port), is_master=False, timeout=timedelta(seconds=timeout_s))
+    except (RuntimeError, ValueError):
+        return None
+
+
+def _start_heartbeat() -> None:
+    """Each rank counts up its key in the store twice a second, so a survivor can tell which rank stopped."""
+    store, key = _store(), f"vlmdistill/alive/{rank()}"
+    if store is None:
+        return
+
+    def beat() -> None:
+        while True:
+            try:
+                store.add(key, 1)
+            except RuntimeError:  # the store is gone: the job is ending
+                return
+            time.sleep(_HEARTBEAT_S)
+
+    threading.Thread(target=beat, name="vlmdistill-heartbeat", daemon=True).start()
+
+
+def peer_lost(err: BaseException) -> bool:
+    """Whether ``err`` is a collective that failed because another process of the job is gone."""
+    ours = isinstance(err, VlmdistillError)
+    return active() and isinstance(err, RuntimeError) and not ours and any(s in str(err) for s in PEER_GONE)
+
+
+def lost_ranks(window_s: float = 4 * _HEARTBEAT_S) -> list[int] | None:
+    """The ranks whose heartbeat stopped (their process or node is gone), from a look over ``window_s``; None
+    when the store is unreachable as well. Marks the group broken, so ``shutdown`` does not wait on it."""
+    _LOST.append(True)
+    store = _store()
+    if store is None:
+        return None
+    keys = [f"vlmdistill/alive/{r}" for r in range(world_size())]
+    try:
+        before = [store.add(k, 0) for k in keys]
+        time.sleep(window_s)
+        after = [store.add(k, 0) for k in keys]
+    except RuntimeError:
+        return None
+    return [r for r, (a, b) in enumerate(zip(before, after, strict=True)) if a == b]
 
 
 def active() -> bool:

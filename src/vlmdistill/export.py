@@ -1,14 +1,17 @@
-"""``vlmdistill export``: a run's student as a self-contained model folder.
+"""``vlmdistill export``: a run's student as a self-contained model folder, usable on another machine.
 
 ``student.safetensors`` (weights), ``classes.safetensors`` (unit-norm class text embeddings),
-``config.yaml`` (the run's resolved config, naming its teacher), ``model.onnx`` (student + normalisation
-+ cosine classifier head), ``prompt_context.safetensors`` (CoOp runs) and, with ``open_clip=True``, an
-open_clip model folder in ``open_clip/``. ``manifest.json`` is written last, so a folder with a manifest
-is a complete one.
+``config.yaml`` (what the model needs of the run's config: student, prompts, temperature, the teacher by
+name; no training path), ``model.onnx`` (student + normalisation + cosine classifier head),
+``prompt_context.safetensors`` (CoOp runs), ``text/`` (the teacher's text tower, ``texttower.py``; left out
+with ``text_tower=False``) and, with ``open_clip=True``, an open_clip model folder in ``open_clip/``;
+``manifest.json`` describes it all. No written file names a path outside the folder. The folder is built
+aside and swapped in whole (``io.replace_dir``): an export that fails leaves the old folder, or none.
 """
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 import os
@@ -19,6 +22,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import nn
 
 from vlmdistill.api import (
@@ -35,11 +39,19 @@ from vlmdistill.api import (
     read_classes,
 )
 from vlmdistill.clip_benchmark import open_clip_preprocess
-from vlmdistill.config import ExperimentConfig
+from vlmdistill.config import ExperimentConfig, config_to_dict
 from vlmdistill.errors import VlmdistillError
-from vlmdistill.io import atomic_save_tensors, atomic_write_bytes, atomic_write_json, atomic_write_text
+from vlmdistill.io import (
+    atomic_save_tensors,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    out_of_space,
+    replace_dir,
+)
 from vlmdistill.runfolder import ModelMeta, RunFolder
 from vlmdistill.students import Student, count_parameters
+from vlmdistill.texttower import TEXT_DIR, portable_hf_name, save_hf_text_files, save_text_tower, text_state
 
 ONNX_OPSET = 17
 PARITY_TOLERANCE = 1e-4
@@ -99,11 +111,28 @@ def _timm_pool(net: nn.Module) -> str:
     return "avg"
 
 
+def _local_open_clip(folder: Path, tmp: Path) -> str:
+    """An open_clip ``local-dir:`` name for ``folder`` that builds offline: a Hugging Face text tower is named by
+    hub id in the folder (portable), so this copy (links to its files) names the folder itself instead."""
+    import json
+
+    cfg = json.loads((folder / "open_clip_config.json").read_text(encoding="utf-8"))
+    text = cfg["model_cfg"].get("text_cfg", {})
+    if text.get("hf_model_name"):
+        text["hf_model_name"] = text["hf_tokenizer_name"] = str(folder.resolve())
+    for f in folder.iterdir():
+        if f.name != "open_clip_config.json":
+            os.symlink(f.resolve(), tmp / f.name)
+    (tmp / "open_clip_config.json").write_text(json.dumps(cfg), encoding="utf-8")
+    return f"local-dir:{tmp}"
+
+
 def _check_open_clip(model: DistilledModel, mean: list[float], std: list[float], folder: Path) -> float:
     """Build the exported folder with plain open_clip and compare its encode_image with the student's."""
     import open_clip
 
-    oc = open_clip.create_model(f"local-dir:{folder}").eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        oc = open_clip.create_model(_local_open_clip(folder, Path(tmp))).eval()
     s = model.transform.image_size
     pixels = torch.rand(2, 3, s, s, generator=torch.Generator().manual_seed(0))
     normed = (pixels - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
@@ -131,53 +160,58 @@ def _check_open_clip_exportable(cfg: ExperimentConfig) -> None:
                           f"{cfg.student.model_kwargs}; use model.onnx or vlmdistill.load")
 
 
-def _save_hf_tokenizer(teacher: Any, folder: Path) -> None:
-    """An HF text tower's tokenizer files beside the config, where open_clip's local-dir loading looks."""
-    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".tokenizer."))
-    try:
-        teacher.tokenizer.tokenizer.save_pretrained(str(tmp))
-        for f in tmp.iterdir():
-            os.replace(f, folder / f.name)
-    finally:
-        for f in tmp.iterdir():
-            f.unlink()
-        tmp.rmdir()
-
-
 def export_open_clip(model: DistilledModel, folder: Path) -> dict[str, Any]:
     """An open_clip model folder: the student as a timm vision tower (its head is the projection), the
     teacher's text tower, and logit_scale = 1 / the run's temperature, in one checkpoint."""
-    import open_clip
-
     _check_open_clip_exportable(model.cfg)
     cfg, teacher, net = model.cfg, model.teacher(), model.student.net
-    name = Path(cfg.teacher.model_config_path).stem if cfg.teacher.model_config_path else cfg.teacher.name
-    model_cfg = dict(open_clip.get_model_config(name))
+    model_cfg = copy.deepcopy(teacher.model_cfg)
     model_cfg["vision_cfg"] = {"timm_model_name": cfg.student.arch, "timm_model_pretrained": False,
                                "timm_pool": _timm_pool(net), "timm_proj": "", "image_size": cfg.student.image_size}
-    state = {k: v for k, v in teacher.model.state_dict().items() if not k.startswith("visual.")}
+    folder.mkdir(parents=True, exist_ok=True)
+    text_cfg = model_cfg.get("text_cfg", {})
+    if text_cfg.get("hf_model_name"):
+        save_hf_text_files(teacher, folder)
+        text_cfg["hf_model_name"] = text_cfg["hf_tokenizer_name"] = portable_hf_name(text_cfg)
+    state = text_state(teacher.model)
     state.update({f"visual.trunk.{k}": v for k, v in net.state_dict().items()})
     state["logit_scale"] = torch.full_like(state["logit_scale"], math.log(model.logit_scale))
     spec = model.student.spec
     preprocess, view = open_clip_preprocess(cfg, list(spec.mean), list(spec.std))
-    folder.mkdir(parents=True, exist_ok=True)
     atomic_write_json(folder / "open_clip_config.json", {"model_cfg": model_cfg, "preprocess_cfg": preprocess})
     atomic_save_tensors(folder / "open_clip_model.safetensors", state)
-    if model_cfg.get("text_cfg", {}).get("hf_tokenizer_name"):
-        _save_hf_tokenizer(teacher, folder)
     diff = _check_open_clip(model, preprocess["mean"], preprocess["std"], folder)
+    hf_name = text_cfg.get("hf_model_name")
     return {"dir": OPEN_CLIP_DIR, "model_name": f"local-dir:<model folder>/{OPEN_CLIP_DIR}",
-            "parity_max_abs_diff": diff, "learned_context_included": False, **view}
+            "parity_max_abs_diff": diff, "learned_context_included": False, **view,
+            "hf_text_tower": hf_name and {
+                "hub_id": hf_name, "files": "config.json and tokenizer files in this folder",
+                "note": "open_clip reads a Hugging Face text tower's architecture by hf_model_name: online, or with "
+                        "that id in the Hugging Face cache, or with hf_model_name set to this folder's path"}}
+
+
+def portable_config(cfg: ExperimentConfig) -> dict[str, Any]:
+    """What a model folder needs of its run's config: the student, the prompts and temperature, the teacher by
+    name and the eval view; no path (training data, caches, the teacher's files) that would point outside."""
+    full = config_to_dict(cfg)
+    t = full["teacher"]
+    text = {k: v for k, v in full["text"].items() if k not in ("descriptions", "captions")}
+    data = {k: full["data"][k] for k in ("base_size", "resize", "eval_crop", "interpolation")}
+    return {"name": cfg.name, "mode": cfg.mode, "seed": cfg.seed,
+            "teacher": {k: t[k] for k in ("backend", "name", "pretrained", "precision")},
+            "student": full["student"], "data": data, "text": text,
+            "loss": {"temperature": cfg.loss.temperature, "closed_set": cfg.loss.closed_set}}
 
 
 def _manifest(model: DistilledModel, run_dir: Path, names: list[str], descs: list[str | None],
-              onnx_diff: float, open_clip_info: dict[str, Any] | None) -> dict[str, Any]:
+              onnx_diff: float, text_tower: dict[str, Any] | None, open_clip_info: dict[str, Any] | None
+              ) -> dict[str, Any]:
     cfg, spec = model.cfg, model.student.spec
     results = RunFolder(run_dir).results() or {}
     prompts = model.prompts(names, descs) if model.context is None else None
     return {
         "format": FORMAT,
-        "source_run": str(run_dir.resolve()),
+        "source_run": run_dir.resolve().name,
         "student": {"arch": cfg.student.arch, "id": spec.id, "out_dim": model.student.out_dim,
                     "parameters": count_parameters(model.student), "model_kwargs": cfg.student.model_kwargs},
         "preprocessing": {"transform": model.transform.to_dict(), "mean": list(spec.mean), "std": list(spec.std),
@@ -195,19 +229,27 @@ def _manifest(model: DistilledModel, run_dir: Path, names: list[str], descs: lis
         "onnx": {"file": ONNX, "opset": ONNX_OPSET, "input": "pixels float32 [B, 3, S, S] in [0, 1]",
                  "outputs": {"embedding": "unit-norm [B, D]", "logits": "logit_scale * cosine, [B, C]"},
                  "parity_max_abs_diff": onnx_diff},
+        "text_tower": text_tower,
         "open_clip": open_clip_info,
     }
 
 
-def export_model(run_dir: Path, out: Path, labels: Path | None = None, descriptions: Path | None = None,
-                 open_clip: bool = False) -> dict[str, Any]:
-    """Write the model folder ``out`` from ``run_dir``; classes from ``labels`` or the run's dataset."""
-    run_dir, out = Path(run_dir), Path(out)
+def _check_destination(run_dir: Path, out: Path) -> None:
+    """A new folder, or an earlier export (replaced whole); never the run or an unrelated folder."""
     if (run_dir / MANIFEST).is_file():
         raise ExportError(f"{run_dir} is already a model folder; export takes a run directory (runs/<name>)")
-    if not open_clip and (out / OPEN_CLIP_DIR).exists():
-        raise ExportError(f"{out / OPEN_CLIP_DIR} is left from an earlier export and would no longer match: "
-                          "remove it, or export with --open-clip")
+    if out.resolve() == run_dir.resolve() or run_dir.resolve() in out.resolve().parents:
+        raise ExportError(f"--out {out} is inside the run {run_dir}: give a folder of its own")
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file())):
+        raise ExportError(f"--out {out} exists and is not a model folder: give a new path (an earlier export "
+                          "is replaced whole)")
+
+
+def export_model(run_dir: Path, out: Path, labels: Path | None = None, descriptions: Path | None = None,
+                 open_clip: bool = False, text_tower: bool = True) -> dict[str, Any]:
+    """Write the model folder ``out`` from ``run_dir``; classes from ``labels`` or the run's dataset."""
+    run_dir, out = Path(run_dir), Path(out)
+    _check_destination(run_dir, out)
     run = RunFolder(run_dir)
     if open_clip and run.is_run():
         _check_open_clip_exportable(run.config())
@@ -216,17 +258,27 @@ def export_model(run_dir: Path, out: Path, labels: Path | None = None, descripti
     if not names:
         raise ExportError(f"the dataset of {run_dir} ({model.cfg.data.dir}) is not there to name the classes: "
                           "give --labels FILE (one class name a line, or a label2text.txt)")
-    classes = model.class_embeddings(names, descs)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST).unlink(missing_ok=True)
-    meta = ModelMeta.of(model.cfg, model.student, model.teacher_id).to_strings()
-    atomic_save_tensors(out / WEIGHTS, model.student.state_dict(), meta)
-    atomic_save_tensors(out / CLASSES, {"embeddings": classes})
-    atomic_write_text(out / CONFIG, run.config_path.read_text(encoding="utf-8"))
-    if model.context is not None:
-        atomic_save_tensors(out / CONTEXT, {"ctx": model.context})
-    onnx_diff = write_onnx(model, classes, out / ONNX)
-    open_clip_info = export_open_clip(model, out / OPEN_CLIP_DIR) if open_clip else None
-    manifest = _manifest(model, run_dir, names, descs, onnx_diff, open_clip_info)
-    atomic_write_json(out / MANIFEST, manifest)
+    classes = model.class_embeddings(names, descs if model.cfg.text.use_descriptions else None)
+    with out_of_space("the model folder", out, lambda: f"{out} is as it was (the new folder was built aside and "
+                                                       "removed); free space and run export again"), \
+            replace_dir(out) as tmp:
+        atomic_save_tensors(tmp / WEIGHTS, model.student.state_dict(),
+                            ModelMeta.of(model.cfg, model.student, model.teacher_id).to_strings())
+        atomic_save_tensors(tmp / CLASSES, {"embeddings": classes})
+        atomic_write_text(tmp / CONFIG, yaml.safe_dump(portable_config(model.cfg), sort_keys=False))
+        if model.context is not None:
+            atomic_save_tensors(tmp / CONTEXT, {"ctx": model.context})
+        onnx_diff = write_onnx(model, classes, tmp / ONNX)
+        tower = _text_tower(model, names, descs, tmp / TEXT_DIR) if text_tower else None
+        open_clip_info = export_open_clip(model, tmp / OPEN_CLIP_DIR) if open_clip else None
+        manifest = _manifest(model, run_dir, names, descs, onnx_diff, tower, open_clip_info)
+        atomic_write_json(tmp / MANIFEST, manifest)
     return manifest
+
+
+def _text_tower(model: DistilledModel, names: list[str], descs: list[str | None], folder: Path) -> dict[str, Any]:
+    """The teacher's text tower, checked on the stored classes' prompts (or bare names, for a CoOp run)."""
+    texts = model.prompts(names, descs) if model.context is None else list(names)
+    diff = save_text_tower(model.teacher(), folder, texts)
+    return {"dir": TEXT_DIR, "backend": model.cfg.teacher.backend, "parity_max_abs_diff": diff,
+            "checked_on": f"{len(texts)} class prompts"}

@@ -7,6 +7,7 @@ lines only (``append_line``, with ``end_last_line`` to repair what a killed writ
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -20,6 +21,60 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from vlmdistill.errors import VlmdistillError
+
+
+class DiskFullError(VlmdistillError):
+    """No space (or quota) left while writing: says what, where, how much is free there, and (``then``, filled
+    in by the job that knows) what is intact and what to do."""
+
+    def __init__(self, what: str, where: Path, then: str = "") -> None:
+        self.what, self.where, self.then, self.free = what, Path(where), then, free_space(where)
+        super().__init__(what, str(where), then)
+
+    def __str__(self) -> str:
+        return (f"no space left on device writing {self.what} to {self.where} ({self.free} free)"
+                + (f": {self.then}" if self.then else ""))
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full(err: BaseException) -> bool:
+    """Whether ``err`` is a write that ran out of space: an ``OSError`` ENOSPC / EDQUOT, or safetensors'
+    Rust I/O error, which carries only the OS error code in its text."""
+    if isinstance(err, OSError):
+        return err.errno in _NO_SPACE
+    text = str(err)
+    return any(f"os error {code})" in text or f"code: {code}," in text for code in _NO_SPACE)
+
+
+def free_space(path: Path) -> str:
+    """Free space on the disk holding ``path`` (or its nearest existing parent), e.g. ``12.0 MiB``."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return f"{shutil.disk_usage(path).free / 2**20:.1f} MiB"
+    except OSError:
+        return "unknown"
+
+
+@contextmanager
+def out_of_space(what: str, where: Path, then: Callable[[], str] = lambda: "") -> Iterator[None]:
+    """Turn running out of disk space in the block into one ``DiskFullError`` line. ``then()`` says what is
+    intact and what to do; it is called after the failed write was cleaned up. An inner ``out_of_space`` names
+    the write more precisely and keeps its own; an outer one adds its ``then`` where the inner had none."""
+    try:
+        yield
+    except DiskFullError as err:
+        err.then = err.then or then()
+        raise
+    except Exception as err:
+        if not disk_full(err):
+            raise
+        raise DiskFullError(what, where, then()) from None
 
 
 def _current_umask() -> int:
@@ -36,15 +91,16 @@ def _atomic(path: Path, write: Any) -> None:
     The temp file's private mode is widened to what a plain ``open`` would give."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with out_of_space(path.name, path.parent):
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            write(Path(tmp))
+            os.chmod(tmp, 0o666 & ~_UMASK)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -28,10 +28,12 @@ from typing import Any
 import torch
 
 from vlmdistill import distributed
-from vlmdistill.checkpoint import LoopState, save_checkpoint
+from vlmdistill.checkpoint import LoopState, intact_checkpoint, save_checkpoint
 from vlmdistill.config import ExperimentConfig
 from vlmdistill.data.source import Batch
 from vlmdistill.errors import RunError
+from vlmdistill.integrity import nonfinite_loss, nonfinite_weight, stop_if_diverged
+from vlmdistill.io import out_of_space
 from vlmdistill.progress import console
 from vlmdistill.runfolder import RunFolder
 from vlmdistill.task import DistillTask, StepBatch
@@ -212,7 +214,10 @@ def fit(task: DistillTask, evaluate: Evaluate, resume: bool = False) -> FitResul
                 batch = _no_rows(task.train_set.source.base_size)
             if batch is not None:
                 g = torch.Generator().manual_seed(step_seed(cfg.seed, epoch, pass_index, batch_index, 1))
-                log.step(state.step + 1, epoch, train_step(task, optimizer, task.prepare(batch, g)), optimizer)
+                terms = train_step(task, optimizer, task.prepare(batch, g))
+                log.step(state.step + 1, epoch, terms, optimizer)
+                if _logging_step(cfg, shape, state.step + 1, stop_at):
+                    stop_if_diverged(state.step + 1, nonfinite_loss(terms), run_dir, state)
             if per_step:
                 scheduler.step()
             state.step += 1
@@ -237,6 +242,18 @@ def _check_world_size(cfg: ExperimentConfig, train_set: TrainSet) -> None:
                        "per process in every batch (the last batch holds the remainder)")
 
 
+def _logging_step(cfg: ExperimentConfig, shape: LoopShape, step: int, last: int) -> bool:
+    """The steps whose loss terms are read back and checked: every ``train.log_every``-th, each epoch's last and
+    the run's last (TrainLog's, less its timed lines: those are rank 0's alone)."""
+    return step % cfg.train.log_every == 0 or step % shape.steps_per_epoch == 0 or step == last
+
+
+def _check_weights(task: DistillTask, state: LoopState) -> None:
+    """Stop before broken weights are evaluated or saved (``integrity``)."""
+    ctx = task.prompts.ctx if task.prompts is not None else None
+    stop_if_diverged(state.step, nonfinite_weight({"": task.student, "prompt context": ctx}), task.cfg.run_dir, state)
+
+
 def _stop_asked(stop: StopSignals) -> bool:
     """Whether a stop signal came; under DDP the first one any rank received stops every rank at this step."""
     stop.signum = distributed.agree_max(stop.signum or 0) or None
@@ -256,6 +273,7 @@ def _end_of_epoch(task: DistillTask, evaluate: Evaluate, state: LoopState, epoch
     last = epochs_done == cfg.optim.epochs
     in_tail = epochs_done > cfg.optim.epochs - cfg.train.average_last  # the epochs the headline averages
     if last or in_tail or epochs_done % cfg.train.eval_every == 0:
+        _check_weights(task, state)
         metrics = evaluate()
         state.history.append({"epoch": epochs_done, "step": state.step, **metrics})
         log.metrics(metrics, epochs_done)
@@ -265,11 +283,15 @@ def _end_of_epoch(task: DistillTask, evaluate: Evaluate, state: LoopState, epoch
 
 def save(task: DistillTask, optimizer: Any, scheduler: Any, state: LoopState) -> None:
     """Student weights, optimiser/scheduler/RNG/loop state and the learned prompt context: one unit, written
-    by rank 0 (every rank holds the same weights and state)."""
+    by rank 0 (every rank holds the same weights and state); never weights that are not finite."""
+    _check_weights(task, state)
     if not distributed.is_main():
         return
     ctx = task.prompts.ctx.detach() if task.prompts is not None else None
-    save_checkpoint(task.cfg.run_dir, task.student, optimizer, scheduler, state, task.model_meta().to_strings(), ctx)
+    run_dir = task.cfg.run_dir
+    with out_of_space(f"checkpoint step {state.step}", run_dir / "checkpoints",
+                      lambda: f"{intact_checkpoint(run_dir)}; free space there"):
+        save_checkpoint(run_dir, task.student, optimizer, scheduler, state, task.model_meta().to_strings(), ctx)
 
 
 def restore(task: DistillTask, optimizer: Any, scheduler: Any) -> LoopState:

@@ -74,6 +74,9 @@ def teacher_summary(teacher: Teacher) -> dict[str, Any]:
 class RunResults:
     """What ``results.json`` (and ``eval.json``, ``teacher/results.json``) hold; None where not applicable.
 
+    ``complete`` only when every phase asked for is done (else ``missing_phases`` names them); ``failure`` says
+    why a run stopped (a divergence); ``config_changes`` what its resumes changed, from which step.
+
     A single evaluation (``eval``, ``teacher``) is its own average: ``metrics_last_avg`` equals ``metrics``."""
 
     kind: Kind
@@ -85,6 +88,9 @@ class RunResults:
     config: dict[str, Any]
     data: dict[str, Any] = field(default_factory=lambda: {"skipped_images": 0, "skipped": []})
     complete: bool = True
+    missing_phases: list[str] = field(default_factory=list)
+    failure: dict[str, Any] | None = None
+    config_changes: list[dict[str, Any]] = field(default_factory=list)
     metrics_last_avg: dict[str, Any] = field(default_factory=dict)
     averaged_over: int = 1
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -97,6 +103,12 @@ class RunResults:
               student: dict[str, Any] | None, metrics: dict[str, Any]) -> RunResults:
         return cls(kind=kind, run=run, run_dir=run_dir, teacher=teacher_summary(teacher), student=student,
                    metrics=metrics, metrics_last_avg=metrics, config=config_to_dict(cfg))
+
+    def phase(self, name: str, done: bool) -> None:
+        """Mark a phase the run was asked for (``train``, ``analysis``) done or missing: a run is complete only
+        when none is missing, and ``missing_phases`` says which are."""
+        self.missing_phases = [p for p in self.missing_phases if p != name] + ([] if done else [name])
+        self.complete = not self.missing_phases
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -140,11 +140,27 @@ class RunFolder:
             return None
         return results if isinstance(results, dict) else None
 
+    def missing_phases(self) -> list[str]:
+        """The phases (``train``, ``analysis``) the run still lacks. A results.json written before phases were
+        recorded that says complete but has no analysis it was asked for lacks its analysis (a kill during the
+        analysis left it so)."""
+        record = self.results()
+        if record is None or record.get("complete") is not True:
+            return list((record or {}).get("missing_phases") or ["train"])
+        cfg = record.get("config") or {}
+        asked = (cfg.get("train") or {}).get("analysis", True) and not (cfg.get("loss") or {}).get("closed_set")
+        return ["analysis"] if asked and record.get("analysis") is None else []
+
     def is_complete(self) -> bool:
-        return (self.results() or {}).get("complete") is True
+        return not self.missing_phases()
 
     def has_checkpoint(self) -> bool:
         return current_unit(self.path) is not None
+
+    def checkpoint_step(self) -> int | None:
+        """The step of the checkpoint a resume continues from (None without one)."""
+        unit = current_unit(self.path)
+        return int(unit.name.split("-", 1)[1]) if unit is not None else None
 
     def student(self, expected: dict[str, Any] | None = None) -> SavedStudent:
         """The current checkpoint's student, digest-checked, and checked against ``expected`` when given

@@ -15,13 +15,15 @@ from typing import Any
 import torch
 
 from vlmdistill import distributed
-from vlmdistill.checkpoint import clear_checkpoints
-from vlmdistill.config import ExperimentConfig, save_config
+from vlmdistill.checkpoint import clear_checkpoints, intact_checkpoint
+from vlmdistill.config import ExperimentConfig
 from vlmdistill.errors import RunError
 from vlmdistill.evaluate import analyse, score_student, skipped_images
-from vlmdistill.io import atomic_write_json
+from vlmdistill.integrity import Diverged, stop_on_lost_rank
+from vlmdistill.io import atomic_write_json, out_of_space
 from vlmdistill.loop import FitResult, fit
 from vlmdistill.results import RunResults, average_metrics
+from vlmdistill.resume_check import check_resume, config_history, record_config
 from vlmdistill.runfolder import RunFolder
 from vlmdistill.runlock import LOCK_FILE, run_lock
 from vlmdistill.students import count_parameters
@@ -51,25 +53,29 @@ def _results(task: DistillTask, ws: Workspace, eval_set: EvalSet, fit_result: Fi
     metrics = {k: v for k, v in history[-1].items() if k not in ("epoch", "step")} if history else {}
     student = {"id": task.student.spec.id, "params": count_parameters(task.student)}
     results = RunResults.start("train", cfg, cfg.name, str(cfg.run_dir), ws.teacher, student, metrics)
-    results.complete = fit_result.complete
+    results.phase("train", fit_result.complete)
     results.history = history
+    results.config_changes = config_history(cfg.run_dir)
     tail = history[-cfg.train.average_last :]
     results.metrics_last_avg = average_metrics(tail) if tail else {}
     results.averaged_over = len(tail)
     pool = [task.pool.source] if task.pool is not None else []
     results.data = skipped_images(ws, task.train_set.source, eval_set.id_source, eval_set.ood_source, *pool)
     results.train = {"steps": fit_result.state.step, "seconds": round(fit_result.seconds, 2),
-                     "targets": task.targets.kind}
+                     "targets": task.targets.kind, "processes": distributed.world_size(),
+                     "threads": torch.get_num_threads()}
     return results
 
 
 def _begin(cfg: ExperimentConfig, resume: bool) -> None:
-    """Rank 0 saves the resolved config; a run that does not resume drops any checkpoint left in its folder."""
-    if distributed.is_main():
-        cfg.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, cfg.run_dir / "config.yaml")
-        if not resume:
-            clear_checkpoints(cfg.run_dir)
+    """Rank 0 saves the resolved config (a resume first records what it changes, from the step it continues
+    at); a run that does not resume drops any checkpoint left in its folder."""
+    if not distributed.is_main():
+        return
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        clear_checkpoints(cfg.run_dir)
+    record_config(cfg, cfg.run_dir, RunFolder(cfg.run_dir).checkpoint_step() if resume else None)
 
 
 def _check_reuse(run_dir: Path, resume: bool, overwrite: bool) -> None:
@@ -79,10 +85,12 @@ def _check_reuse(run_dir: Path, resume: bool, overwrite: bool) -> None:
     run = RunFolder(run_dir)
     if resume or overwrite or not (run.results_path.is_file() or run.has_checkpoint()):
         return
-    if run.is_complete():
+    missing = run.missing_phases()
+    if not missing:
         raise RunError(f"run {run_dir} is complete ({run.results_path}); --overwrite trains it again, or use "
                        "another name")
-    raise RunError(f"run {run_dir} holds an unfinished run; --resume continues it, --overwrite starts it again")
+    raise RunError(f"run {run_dir} holds an unfinished run (missing: {', '.join(missing)}); --resume continues it, "
+                   "--overwrite starts it again")
 
 
 def _start_again(run_dir: Path) -> None:
@@ -94,13 +102,17 @@ def _start_again(run_dir: Path) -> None:
 
 
 def distill(cfg: ExperimentConfig, ws: Workspace | None = None, resume: bool = False,
-            overwrite: bool = False) -> dict[str, Any]:
+            overwrite: bool = False, allow_config_change: bool = False) -> dict[str, Any]:
     """Train a student as configured, add the analysis metrics, and write results.json.
 
     The run folder is locked against a second writer; an existing run is refused unless ``resume``
-    continues it or ``overwrite`` empties it first."""
-    with run_lock(cfg.run_dir):
+    continues it (with its own config, unless ``allow_config_change``) or ``overwrite`` empties it first.
+    results.json says ``complete`` only once every phase asked for (training, analysis) is done."""
+    with run_lock(cfg.run_dir), stop_on_lost_rank(cfg.run_dir), out_of_space(
+            "the run folder", cfg.run_dir, lambda: f"{intact_checkpoint(cfg.run_dir)}; free space there"):
         _check_reuse(cfg.run_dir, resume, overwrite)
+        if resume:
+            check_resume(cfg, allow_config_change)
         if overwrite and distributed.is_main():
             _start_again(cfg.run_dir)
         distributed.barrier()
@@ -108,12 +120,26 @@ def distill(cfg: ExperimentConfig, ws: Workspace | None = None, resume: bool = F
         ws = ws or build_workspace(cfg)
         train_set, eval_set = default_sets(ws, class_text_embeddings(cfg, ws)[0])
         task = DistillTask(cfg, ws, train_set)
-        results = train_task(task, ws, eval_set, resume=resume)
-        _write_results(cfg.run_dir, results)
+        try:
+            results = train_task(task, ws, eval_set, resume=resume)
+        except Diverged as err:
+            _write_results(cfg.run_dir, _diverged(task, ws, eval_set, err))
+            raise
         if cfg.train.analysis and not task.closed_set:
-            results.analysis = analyse(cfg, ws, task.student, task.class_embeddings())
+            results.phase("analysis", False)
             _write_results(cfg.run_dir, results)
+            results.analysis = analyse(cfg, ws, task.student, task.class_embeddings())
+            results.phase("analysis", True)
+        _write_results(cfg.run_dir, results)
         return results.to_dict()
+
+
+def _diverged(task: DistillTask, ws: Workspace, eval_set: EvalSet, err: Diverged) -> RunResults:
+    """The record of a run stopped by a divergence: its evaluations so far, never complete."""
+    results = _results(task, ws, eval_set, FitResult(err.state, 0.0, False))
+    results.failure = err.record()
+    results.train = {**(results.train or {}), "steps": err.step, "seconds": None}
+    return results
 
 
 def _write_results(run_dir: Path, results: RunResults) -> None:

@@ -26,7 +26,7 @@ from pathlib import Path
 from vlmdistill.data.dataset import IMAGE_EXTENSIONS, SPLITS, DatasetError, read_list_file
 from vlmdistill.data.pool import check_disjoint, read_pool
 from vlmdistill.data.shards import write_index, write_split
-from vlmdistill.io import atomic_write_json, atomic_write_text, replace_dir, sha256_strings
+from vlmdistill.io import atomic_write_json, atomic_write_text, out_of_space, replace_dir, sha256_strings
 from vlmdistill.text.labels import (
     ClassInfo,
     classes_from_folders,
@@ -254,7 +254,8 @@ def write_prepared(
     sources = [Path(p).resolve() for c in classes for ps in assignment.get(c.dir, {}).values() for p in ps]
     images_root = os.path.commonpath([str(p.parent) for p in sources])
     counts, shard_names = {}, {}
-    with replace_dir(out_dir) as new:
+    unchanged = f"{out_dir} is as it was (the new one was built aside and removed); free space and run prepare again"
+    with out_of_space("the prepared dataset", out_dir, lambda: unchanged), replace_dir(out_dir) as new:
         for split in SPLITS:
             items = _split_items(split, classes, assignment)
             counts[split] = len(items)

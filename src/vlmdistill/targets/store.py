@@ -47,7 +47,7 @@ from vlmdistill.data.images import GEOMETRY
 from vlmdistill.data.shards import shards_fingerprint
 from vlmdistill.data.source import ImageSource
 from vlmdistill.data.views import Views
-from vlmdistill.io import sha256_strings
+from vlmdistill.io import out_of_space, sha256_strings
 from vlmdistill.targets.extract import ViewRecipe, extract_shards
 from vlmdistill.targets.manifest import (
     DTYPE,
@@ -290,7 +290,10 @@ def open_store(
     todo = manifest.missing()
     if todo:
         mine = todo[distributed.rank() :: distributed.world_size()]
-        extract_shards(teacher, source, recipe, directory, manifest, mine, progress)
+        with out_of_space("teacher target shards", directory,
+                          lambda: f"the {len(manifest.shards)} of {manifest.n_shards} shards written are kept; free "
+                                  "space, then run it again (extraction resumes at the missing shards)"):
+            extract_shards(teacher, source, recipe, directory, manifest, mine, progress)
         if distributed.active():
             for part in distributed.all_gather_objects({i: manifest.shards[i] for i in mine}):
                 manifest.shards.update(part)

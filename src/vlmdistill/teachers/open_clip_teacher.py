@@ -54,6 +54,8 @@ class OpenClipTeacher(Teacher):
                 "(run once online), or point teacher.checkpoint at a local file"
             ) from err
         super().__init__(model, device, config.precision, config.batch_size)
+        self.model_name = name
+        self.model_cfg: dict = open_clip.get_model_config(name)
         pre = open_clip.get_model_preprocess_cfg(self.model)
         size = pre.get("size", 224)
         self.image_size = int(size if isinstance(size, int) else size[0])
