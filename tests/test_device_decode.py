@@ -136,7 +136,7 @@ def test_training_with_device_decode_uses_a_store_of_its_own(base_overrides: lis
     assert ws_dev.train.decode_device == CPU and ws_cpu.train.decode_device is None
     recipe = target_recipe(cfg_dev)
     key_cpu, key_dev = (store_key(ws.teacher, ws.train, recipe) for ws in (ws_cpu, ws_dev))
-    assert key_cpu["preprocess"] == "base=40,resize=center_crop,interp=bicubic,size=32,roi_align-v1"
+    assert key_cpu["preprocess"] == "base=40,resize=center_crop-tv,interp=bicubic,size=32,roi_align-v1"
     assert key_dev["preprocess"] == key_cpu["preprocess"] + ",decode=torchvision-cpu"
     distill(cfg_dev, ws_dev)
     assert (store_path(cfg_dev.cache_dir, key_dev) / "manifest.json").exists()

@@ -418,6 +418,33 @@ def export_cmd(
                      if tt else ", no text tower (stored classes only)")
                   + (f", open_clip model in {out / oc['dir']} (max |open_clip - student| "
                      f"{oc['parity_max_abs_diff']:.1e})" if oc else ""))
+    if oc and not oc["matches_vlmdistill_eval"]:
+        console.print(f"[yellow]warning:[/] open_clip's preprocess is not this run's eval view ({oc['reason']}), so "
+                      f"CLIP_benchmark scores other pixels than vlmdistill eval; {oc['fix']}", soft_wrap=True)
+
+
+@app.command("clip-benchmark")
+def clip_benchmark_cmd(
+    out: Annotated[Path, typer.Option("--out", help="Folder to write; its name is the dataset's: wds/<name>.")],
+    config: ConfigArg,
+    overrides: Overrides = None,
+    split: Annotated[str, typer.Option(help="ood (the unseen classes: OOD-val over the OOD classes) or id_val "
+                                            "(ID-val over the ID classes), as vlmdistill eval scores each.")] = "ood",
+    shard_size: Annotated[int, typer.Option(help="Images per tar shard at most (a split of 4 images or more is at "
+                                               "least 4 shards: one per CLIP_benchmark reader worker).")] = 1000,
+) -> None:
+    """Write a split in CLIP_benchmark's webdataset layout, with the class names and prompts vlmdistill eval
+    scores with (from the same CONFIG and overrides), for `clip_benchmark eval` on an `export --open-clip`."""
+    from vlmdistill.clip_benchmark import MIN_SHARDS, PROMPTS, write_clip_benchmark
+
+    cfg = _load(config, overrides)
+    info = _run(write_clip_benchmark, cfg, out, split, shard_size)
+    prompts = f" --custom_template_file {out / PROMPTS}" if info["prompts_of_vlmdistill_eval"] == PROMPTS else ""
+    console.print(f"wrote {out}: {info['images']} images of {info['classes']} classes ({split}) in {info['shards']} "
+                  f"shard(s)" + (f", skipped {len(info['skipped'])} unreadable" if info["skipped"] else ""))
+    workers = f" --num_workers {info['shards']}" if info["shards"] < MIN_SHARDS else ""
+    console.print(f"clip_benchmark eval --model local-dir:MODEL/open_clip --dataset {info['name']} --dataset_root "
+                  f"{out}{prompts} --no_amp{workers} --output {out.name}.json", soft_wrap=True)
 
 
 def _predict_classes(labels: Path | None, classes: str | None, descriptions: Path | None

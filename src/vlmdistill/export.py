@@ -38,6 +38,7 @@ from vlmdistill.api import (
     load,
     read_classes,
 )
+from vlmdistill.clip_benchmark import open_clip_preprocess
 from vlmdistill.config import ExperimentConfig, config_to_dict
 from vlmdistill.errors import VlmdistillError
 from vlmdistill.io import (
@@ -176,14 +177,13 @@ def export_open_clip(model: DistilledModel, folder: Path) -> dict[str, Any]:
     state.update({f"visual.trunk.{k}": v for k, v in net.state_dict().items()})
     state["logit_scale"] = torch.full_like(state["logit_scale"], math.log(model.logit_scale))
     spec = model.student.spec
-    preprocess = {"size": [cfg.student.image_size] * 2, "mean": list(spec.mean), "std": list(spec.std),
-                  "interpolation": "bicubic", "resize_mode": "shortest"}
+    preprocess, view = open_clip_preprocess(cfg, list(spec.mean), list(spec.std))
     atomic_write_json(folder / "open_clip_config.json", {"model_cfg": model_cfg, "preprocess_cfg": preprocess})
     atomic_save_tensors(folder / "open_clip_model.safetensors", state)
     diff = _check_open_clip(model, preprocess["mean"], preprocess["std"], folder)
     hf_name = text_cfg.get("hf_model_name")
     return {"dir": OPEN_CLIP_DIR, "model_name": f"local-dir:<model folder>/{OPEN_CLIP_DIR}",
-            "parity_max_abs_diff": diff, "learned_context_included": False,
+            "parity_max_abs_diff": diff, "learned_context_included": False, **view,
             "hf_text_tower": hf_name and {
                 "hub_id": hf_name, "files": "config.json and tokenizer files in this folder",
                 "note": "open_clip reads a Hugging Face text tower's architecture by hf_model_name: online, or with "

@@ -31,7 +31,14 @@ import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from vlmdistill.data.compact import Record, record_key_path
-from vlmdistill.data.images import BadImageError, Interpolation, ResizeMode, decode_image, is_plain_jpeg
+from vlmdistill.data.images import (
+    BadImageError,
+    Interpolation,
+    ResizeMode,
+    center_crop_box,
+    decode_image,
+    is_plain_jpeg,
+)
 from vlmdistill.data.stream import read_member
 
 
@@ -73,17 +80,15 @@ def _jpegs(raw: list[torch.Tensor], device: torch.device) -> list[torch.Tensor |
 
 
 def fit(image: torch.Tensor, base_size: int, resize: ResizeMode, interpolation: Interpolation) -> torch.Tensor:
-    """uint8 [3, H, W] -> uint8 [3, S, S] on its device, with ``images._fit``'s geometry (squash, or the
-    shorter side to S and the centre cropped) and an antialiased ``interpolate`` for PIL's resize."""
+    """uint8 [3, H, W] -> uint8 [3, S, S] on its device, with ``images._fit``'s geometry (squash, or
+    ``images.center_crop_box``) and an antialiased ``interpolate`` for PIL's resize."""
     h, w = image.shape[-2:]
     if resize == "squash":
-        nh = nw = base_size
+        nw, nh, left, top = base_size, base_size, 0, 0
     else:
-        scale = base_size / min(w, h)
-        nw, nh = max(base_size, round(w * scale)), max(base_size, round(h * scale))
+        nw, nh, left, top = center_crop_box(int(w), int(h), base_size)
     x = F.interpolate(image.unsqueeze(0).float(), size=(nh, nw), mode=interpolation, antialias=True,
                       align_corners=False)
-    top, left = (nh - base_size) // 2, (nw - base_size) // 2
     x = x[0, :, top : top + base_size, left : left + base_size]
     return x.round_().clamp_(0, 255).to(torch.uint8)
 

@@ -15,6 +15,9 @@ from vlmdistill.errors import VlmdistillError
 ResizeMode = Literal["squash", "center_crop"]
 Interpolation = Literal["bicubic", "bilinear"]
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+GEOMETRY: dict[str, str] = {"squash": "squash", "center_crop": "center_crop-tv"}
+"""Each resize mode's name in cache keys: ``center_crop`` now rounds as torchvision does (``center_crop_box``), so
+teacher targets stored from the earlier rounding are not reused."""
 
 
 TRAINING_FIX = ("replace or delete the file, or set data.skip_bad_images=true to skip such images (they are "
@@ -61,14 +64,21 @@ def _check_pixels(im: Image.Image) -> None:
         )
 
 
+def center_crop_box(width: int, height: int, base_size: int) -> tuple[int, int, int, int]:
+    """``center_crop``'s geometry: (resized width, height, crop left, top). It is torchvision's ``Resize(S)`` then
+    ``CenterCrop(S)`` to the pixel (long side ``int(S * long / short)``, offsets rounded half to even), so the
+    eval transform of an open_clip export (``clip_benchmark.open_clip_preprocess``) sees the pixels we do."""
+    short, long = (width, height) if width <= height else (height, width)
+    new_long = int(base_size * long / short)
+    nw, nh = (base_size, new_long) if width <= height else (new_long, base_size)
+    return nw, nh, round((nw - base_size) / 2.0), round((nh - base_size) / 2.0)
+
+
 def _fit(im: Image.Image, base_size: int, resize: ResizeMode, interpolation: Interpolation) -> Image.Image:
     if resize == "squash":
         return im.resize((base_size, base_size), _RESAMPLE[interpolation])
-    w, h = im.size
-    scale = base_size / min(w, h)
-    nw, nh = max(base_size, round(w * scale)), max(base_size, round(h * scale))
+    nw, nh, left, top = center_crop_box(*im.size, base_size)
     im = im.resize((nw, nh), _RESAMPLE[interpolation])
-    left, top = (nw - base_size) // 2, (nh - base_size) // 2
     return im.crop((left, top, left + base_size, top + base_size))
 
 
@@ -107,19 +117,34 @@ def fit_image(im: Image.Image, base_size: int, resize: ResizeMode, interpolation
               ) -> torch.Tensor:
     """An opened image as every reader decodes it: 8-bit RGB (deep images scaled), ``base_size`` square,
     uint8 [3, S, S]."""
-    arr = np.asarray(_fit(_to_rgb(im), base_size, resize, interpolation), dtype=np.uint8).copy()
+    return _tensor(_fit(_to_rgb(im), base_size, resize, interpolation))
+
+
+def _tensor(im: Image.Image) -> torch.Tensor:
+    arr = np.asarray(im, dtype=np.uint8).copy()
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
-def _decode(source: Path | BytesIO, path: Path, base_size: int, resize: ResizeMode, interpolation: Interpolation
-            ) -> torch.Tensor:
+def _rgb(source: Path | BytesIO, path: Path) -> Image.Image:
+    """8-bit RGB of a file or bytes (``_to_rgb``), with this module's errors naming ``path``."""
     try:
         with Image.open(source) as im:
             _check_pixels(im)
-            return fit_image(im, base_size, resize, interpolation)
+            return _to_rgb(im)
     except FileNotFoundError as err:
         raise BadImageError(path, "file not found") from err
     except Image.DecompressionBombError as err:
         raise BadImageError(path, f"{err}") from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as err:
         raise BadImageError(path, f"{type(err).__name__}: {err}") from err
+
+
+def decode_rgb(data: bytes, name: str) -> Image.Image:
+    """The source pixels every reader starts from, before any resize: the image's bytes decoded to 8-bit RGB
+    (deep images scaled); ``name`` names it in errors. For writers that hand images to other tools."""
+    return _rgb(BytesIO(data), Path(name))
+
+
+def _decode(source: Path | BytesIO, path: Path, base_size: int, resize: ResizeMode, interpolation: Interpolation
+            ) -> torch.Tensor:
+    return _tensor(_fit(_rgb(source, path), base_size, resize, interpolation))

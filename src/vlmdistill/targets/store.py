@@ -43,6 +43,7 @@ import torch
 from safetensors.torch import load
 
 from vlmdistill import distributed
+from vlmdistill.data.images import GEOMETRY
 from vlmdistill.data.shards import shards_fingerprint
 from vlmdistill.data.source import ImageSource
 from vlmdistill.data.views import Views
@@ -95,7 +96,7 @@ def store_key(teacher: Teacher, source: ImageSource, recipe: ViewRecipe) -> dict
     decode = "" if device is None else f",decode=torchvision-{torch.device(device).type}"
     return {
         "teacher_id": teacher.id,
-        "preprocess": f"base={source.base_size},resize={source.resize},interp={source.interpolation},"
+        "preprocess": f"base={source.base_size},resize={GEOMETRY[source.resize]},interp={source.interpolation},"
                       f"size={teacher.image_size},{RENDER_VERSION}{decode}",
         "images": images_fingerprint(source),
         "views": f"n={recipe.n_views},seed={recipe.seed},scale={recipe.crop_scale},hflip={recipe.hflip}",
