@@ -45,6 +45,10 @@ class Child:
         self.proc = _CTX.Process(target=_cli_child, args=(args, str(log), fault))
         self.proc.start()
 
+    @property
+    def pid(self) -> int:
+        return int(self.proc.pid or 0)
+
     def wait(self, timeout: float = 120) -> int:
         self.proc.join(timeout)
         assert self.proc.exitcode is not None, f"still running after {timeout}s: {self.output()}"

@@ -8,7 +8,6 @@ fork rather than a fresh interpreter; each runs the real CLI (``vlmdistill train
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import os
 import random
 import re
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from _child import Child
 from vlmdistill.checkpoint import (
     MANIFEST,
     STATE_J,
@@ -33,41 +33,6 @@ from vlmdistill.checkpoint import (
     verify_file,
 )
 from vlmdistill.runfolder import RunFolder
-
-_CTX = mp.get_context("forkserver")
-_CTX.set_forkserver_preload(["vlmdistill.cli", "vlmdistill.train", "vlmdistill.evaluate"])
-
-
-def _cli_child(args: list[str], log: str) -> None:
-    """In the child: output to ``log``, one thread (bit-identical runs), then the CLI as a user runs it."""
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    torch.set_num_threads(1)
-    from vlmdistill.cli import app
-
-    app(args, prog_name="vlmdistill")
-
-
-class Child:
-    """``vlmdistill ARGS`` in a forked process, its output in ``log``."""
-
-    def __init__(self, args: list[str], log: Path) -> None:
-        self.log = log
-        self.proc = _CTX.Process(target=_cli_child, args=(args, str(log)))
-        self.proc.start()
-
-    @property
-    def pid(self) -> int:
-        return int(self.proc.pid or 0)
-
-    def wait(self, timeout: float = 120) -> int:
-        self.proc.join(timeout)
-        assert self.proc.exitcode is not None, f"still running after {timeout}s: {self.output()}"
-        return self.proc.exitcode
-
-    def output(self) -> str:
-        return " ".join(self.log.read_text(errors="replace").split()) if self.log.exists() else ""
 
 
 def _wait_for(cond: object, child: Child, timeout: float = 60, poll: float = 0.002) -> bool:
