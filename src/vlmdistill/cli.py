@@ -111,14 +111,37 @@ def prepare(
     shards: Annotated[bool, typer.Option(help="Write the splits as webdataset tar shards (image, class, key) "
                                               "under OUT/shards instead of linking the images.")] = False,
     shard_size: Annotated[int, typer.Option(help="Images per tar shard (with --shards).")] = 1000,
+    multilabel_csv: Annotated[Path | None, typer.Option(help="Multi-label CSV path,labels[,split] (labels "
+                                                             "separated by ';').")] = None,
+    h5: Annotated[list[str] | None, typer.Option(help="PickClutter h5 file, as FILE (split by the ID objects) or "
+                                                      "SPLIT=FILE; repeatable.")] = None,
+    id_objects: Annotated[str | None, typer.Option(help="Multi-label: the ID object names, separated by ';'.")] = None,
+    traj_type: Annotated[str | None, typer.Option(help="h5: keep only scenes with this traj_type.")] = None,
+    skip_bad: Annotated[bool, typer.Option(help="Multi-label: skip (and count) bad scenes or missing images "
+                                                "instead of stopping.")] = False,
 ) -> None:
-    """Materialise ID-train / ID-val / OOD-val splits (the paper's layout, images linked not copied)."""
+    """Materialise ID-train / ID-val / OOD-val splits (the paper's layout, images linked not copied), or a
+    multi-label dataset (--multilabel-csv or --h5: the paper's ID/OOD object split)."""
+    if multilabel_csv is not None or h5:
+        _prepare_multilabel(out, multilabel_csv, h5 or [], id_objects, seed, train_fraction, traj_type, skip_bad)
+        return
     from vlmdistill.data.prepare import prepare as do_prepare
 
     ids = [x.strip() for x in id_classes.read_text().splitlines() if x.strip()] if id_classes else None
     counts = _run(do_prepare, out, lists=lists, images=images, csv_path=csv, labels=labels,
                   descriptions=descriptions, seed=seed, id_fraction=id_fraction, train_fraction=train_fraction,
                   id_classes=ids, unlabeled=unlabeled, shards=shards, shard_size=shard_size)
+    console.print(f"prepared {out}: {counts}")
+
+
+def _prepare_multilabel(out: Path, csv: Path | None, h5: list[str], id_objects: str | None, seed: int,
+                        train_fraction: float, traj_type: str | None, skip_bad: bool) -> None:
+    from vlmdistill.data.multilabel_set import prepare_multilabel
+
+    files = [(s, Path(f)) if sep else (None, Path(s)) for s, sep, f in (item.partition("=") for item in h5)]
+    ids = [x.strip() for x in id_objects.split(";") if x.strip()] if id_objects else None
+    counts = _run(prepare_multilabel, out, csv_path=csv, h5=files, id_objects=ids, seed=seed,
+                  train_fraction=train_fraction, traj_type=traj_type, skip_bad=skip_bad)
     console.print(f"prepared {out}: {counts}")
 
 
