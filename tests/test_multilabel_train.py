@@ -8,11 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from vlmdistill.config import ConfigError, load_config
-from vlmdistill.data.multilabel_set import open_multilabel, prepare_multilabel
+from vlmdistill.config import ConfigError, ExperimentConfig, load_config
+from vlmdistill.data.multilabel_set import MultiLabelSet, open_multilabel, prepare_multilabel
 from vlmdistill.demo.clutter import ClutterParams, clutter_classes, generate_clutter
+from vlmdistill.io import read_json
 from vlmdistill.losses import LossInputs, Objective
+from vlmdistill.mlfewshot import run_multilabel_fewshot
 from vlmdistill.multilabel.loss import AsymmetricLoss
+from vlmdistill.report import comparison_rows
 from vlmdistill.runfolder import RunFolder
 from vlmdistill.train import distill
 
@@ -86,3 +89,20 @@ def test_run_trains_evaluates_and_resumes_bit_identically(ml_overrides: list[str
     for k in weights:
         assert torch.equal(weights[k], again[k]), k
     assert resumed["metrics"] == res["metrics"]
+    _check_fewshot(full, ds)
+
+
+def _check_fewshot(full: ExperimentConfig, ds: MultiLabelSet) -> None:
+    """K OOD scenes join training (targets over every name); the rest are scored; compare shows the columns."""
+    cfg = full.model_copy(update={"multilabel": full.multilabel.model_copy(update={"fewshot_scenes": 3,
+                                                                                    "fewshot_batch_size": 6}),
+                                  "fewshot": full.fewshot.model_copy(update={"epochs": 1})})
+    out = run_multilabel_fewshot(cfg, full.run_dir)
+    ft = read_json(full.run_dir / "fewshot-3scenes" / "results.json")
+    assert ft["train"]["steps"] == 6  # batches of 6: the 3 support scenes + 3 of the 16 training scenes
+    assert ft["config"]["optim"]["schedule"] == "onecycle" and ft["config"]["optim"]["batch_size"] == 6
+    assert out["finetune"]["y_ood_on_ood"] == ft["metrics_last_avg"]["y_ood_on_ood"]
+    header, rows = comparison_rows([read_json(full.run_dir / "results.json")])
+    assert {"X_id acc", "Y_ood on X_ood F1", "Y_ood on X_ood f1 few-shot"} <= set(header)
+    at = header.index("Y_ood on X_ood f1 few-shot")
+    assert rows[0][at] == out["finetune"]["y_ood_on_ood"]["f1"]

@@ -227,6 +227,7 @@ def fewshot(
                                                  "classes, score both halves.")] = False,
 ) -> None:
     """Adapt a distilled student to the OOD classes from K images each: finetune and Tip-Adapter retrieval."""
+    from vlmdistill.data.multilabel_set import is_multilabel
     from vlmdistill.fewshot import run_fewshot
     from vlmdistill.loop import RunInterrupted
     from vlmdistill.workspace import build_workspace
@@ -237,6 +238,9 @@ def fewshot(
     if continual:
         extra.append("fewshot.continual=true")
     cfg = _load(config, [*(overrides or []), *extra])
+    if is_multilabel(cfg.data.dir):
+        _multilabel_fewshot(cfg, from_run or cfg.run_dir)
+        return
     ws = _run(build_workspace, cfg)
     try:
         out = _run(run_fewshot, cfg, ws, from_run or cfg.run_dir)
@@ -253,6 +257,19 @@ def fewshot(
         c = out["continual"]
         console.print(f"continual: before {c['before']}, after adapting on half 1: {c['after']}")
     _skipped_line(out, (from_run or cfg.run_dir) / "fewshot.json")
+
+
+def _multilabel_fewshot(cfg: Any, from_run: Path) -> None:
+    """Few-shot finetuning on multi-label scenes (``multilabel.fewshot_scenes`` OOD scenes); its table."""
+    from vlmdistill.loop import RunInterrupted
+    from vlmdistill.mlfewshot import run_multilabel_fewshot
+    from vlmdistill.report import comparison_rows, rich_table
+
+    try:
+        out = _run(run_multilabel_fewshot, cfg, from_run)
+    except RunInterrupted as stop:
+        raise _interrupted(stop, "few-shot adaptation does not resume: run the same command again") from None
+    out_console.print(rich_table(*comparison_rows([{"run": str(from_run), "fewshot": out}])))
 
 
 @app.command()

@@ -16,24 +16,12 @@ import torch
 from vlmdistill.config import ExperimentConfig
 from vlmdistill.data.scenes import SceneSource
 from vlmdistill.data.views import Views, render
-from vlmdistill.multilabel.heads import DualPromptHead
 from vlmdistill.multilabel.labels import multi_hot
 from vlmdistill.multilabel.metrics import mean_average_precision, presence_metrics
-from vlmdistill.multilabel.model import MultiLabelModel, Text, object_texts
+from vlmdistill.multilabel.model import MultiLabelModel, Text, head_text
 from vlmdistill.teachers.base import Teacher
-from vlmdistill.text.textbank import embed_texts
 
 COLUMNS = ("x_id", "y_id_on_ood", "y_ood_on_ood")
-
-
-def head_text(model: MultiLabelModel, cfg: ExperimentConfig, teacher: Teacher, names: Sequence[str],
-              descriptions: dict[str, str] | None) -> Text:
-    """The head's text side for any names: learned contexts on them, or the teacher's fixed prompts."""
-    device = next(model.parameters()).device
-    if isinstance(model.head, DualPromptHead):
-        desc = [descriptions.get(n, "") for n in names] if cfg.text.use_descriptions and descriptions else None
-        return tuple(t.to(device) for t in model.text_embeddings(names, desc))
-    return embed_texts(teacher, object_texts(cfg, names, descriptions), cfg.cache_dir).to(device)
 
 
 @torch.no_grad()

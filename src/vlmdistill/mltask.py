@@ -29,7 +29,7 @@ from vlmdistill.device import resolve_device
 from vlmdistill.errors import RunError
 from vlmdistill.losses import LossInputs, Objective
 from vlmdistill.multilabel.labels import multi_hot
-from vlmdistill.multilabel.model import MultiLabelModel, build_model
+from vlmdistill.multilabel.model import MultiLabelModel, Text, build_model, head_text
 from vlmdistill.runfolder import ModelMeta
 from vlmdistill.targets.lookup import open_targets
 from vlmdistill.task import StepBatch
@@ -86,11 +86,12 @@ class MultiLabelTask(nn.Module):
         self.device = resolve_device(cfg.device)
         self.objective = Objective(cfg.loss)
         asl = self.objective.terms["asl"].loss
-        self.student: MultiLabelModel = build_model(cfg, teacher, input_kinds(cfg, ds), train_set.names,
+        self.student: MultiLabelModel = build_model(cfg, teacher, input_kinds(cfg, ds), ds.id_objects,
                                                     descriptions, asl).to(self.device)
         self.prompts = None  # the learned contexts live in the head, inside ``student``
         self.closed_set = False
         self.pool = None
+        self.teacher, self.descriptions = teacher, descriptions
         self.teacher_rgb: CameraRgbSource = train_set.source.camera_rgb(cfg.data.teacher_camera)
         self.targets = open_targets(cfg, teacher, self.teacher_rgb, self.objective.needs_teacher)
 
@@ -110,8 +111,15 @@ class MultiLabelTask(nn.Module):
         pixels = render(batch.images, views, self.cfg.student.image_size).to(self.device)
         return StepBatch(pixels, batch.index, targets)
 
+    def train_text(self) -> Text | None:
+        """The head's text for the training names: None for the construction names (the head's own), else
+        recomputed each step (few-shot training on ID and OOD names; differentiable in the contexts)."""
+        if self.train_set.names == self.student.names:
+            return None
+        return head_text(self.student, self.cfg, self.teacher, self.train_set.names, self.descriptions)
+
     def forward(self, step: StepBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        s_raw, prob = self.student(step.pixels)
+        s_raw, prob = self.student(step.pixels, self.train_text())
         t_raw = step.targets.to(self.device) if step.targets is not None else None
         inputs = LossInputs(s=F.normalize(s_raw, dim=-1), y=self.train_set.labels[step.index].to(self.device),
                             t=F.normalize(t_raw, dim=-1) if t_raw is not None else None,

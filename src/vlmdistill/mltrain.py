@@ -54,11 +54,13 @@ def train_multilabel(cfg: ExperimentConfig, resume: bool = False, teacher: Teach
         return score_scenes(task.student, cfg, teacher, x_id, x_ood, ds.id_objects, ds.ood_objects, descriptions)
 
     fitted = fit(task, evaluate, resume=resume)
-    return _results(task, teacher, fitted, [task.train_set.source, x_id, x_ood], ds)
+    return results_of(task, teacher, fitted, [task.train_set.source, x_id, x_ood], ds)
 
 
-def _results(task: MultiLabelTask, teacher: Teacher, fitted: FitResult, sources: list[Any],
+def results_of(task: MultiLabelTask, teacher: Teacher, fitted: FitResult, sources: list[Any],
              ds: MultiLabelSet) -> RunResults:
+    """The results of a fitted task (not yet written): headline = mean of the last ``train.average_last``
+    evaluations, as single-label runs; skipped bad scenes (at prepare and since) counted and listed."""
     cfg, history = task.cfg, fitted.state.history
     metrics = {k: v for k, v in history[-1].items() if k not in ("epoch", "step")} if history else {}
     student = {"id": task.student.spec.id, "params": count_parameters(task.student.student),

@@ -41,13 +41,12 @@ class MultiLabelModel(nn.Module):
     def out_dim(self) -> int:
         return self.student.out_dim
 
-    def text_embeddings(self, names: Sequence[str] | None = None, descriptions: Sequence[str] | None = None,
-                        teacher_text: torch.Tensor | None = None) -> Text:
-        """What the head compares locations with: (positive, negative) learned-context embeddings, or the fixed
-        embeddings ``teacher_text`` [K, D] (the region-cosine head; its construction names' when None)."""
+    def text_embeddings(self, names: Sequence[str] | None = None, descriptions: Sequence[str] | None = None) -> Text:
+        """The dual head's (positive, negative) learned-context embeddings of ``names`` (its construction names'
+        when None); the region-cosine head's fixed construction embeddings (other names: ``head_text``)."""
         if isinstance(self.head, DualPromptHead):
             return self.head.text_embeddings(None if names is None else list(names), descriptions)
-        return self.head.text if teacher_text is None else teacher_text
+        return self.head.text
 
     def forward(self, pixels: torch.Tensor, text: Text | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         fmap = self.student.feature_map(pixels)
@@ -78,3 +77,14 @@ def build_model(cfg: ExperimentConfig, teacher: Teacher, kinds: Sequence[str], n
         text = embed_texts(teacher, object_texts(cfg, names, descriptions), cfg.cache_dir)
         head = RegionCosineHead(width, text, cfg.loss.temperature)
     return MultiLabelModel(student, head, asl, names)
+
+
+def head_text(model: MultiLabelModel, cfg: ExperimentConfig, teacher: Teacher, names: Sequence[str],
+              descriptions: dict[str, str] | None) -> Text:
+    """The head's text side for any names: learned contexts on them (differentiable unless under no_grad),
+    or the teacher's fixed prompts (from the text cache)."""
+    device = next(model.parameters()).device
+    if isinstance(model.head, DualPromptHead):
+        desc = [descriptions.get(n, "") for n in names] if cfg.text.use_descriptions and descriptions else None
+        return tuple(t.to(device) for t in model.text_embeddings(names, desc))
+    return embed_texts(teacher, object_texts(cfg, names, descriptions), cfg.cache_dir).to(device)
