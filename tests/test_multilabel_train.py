@@ -3,16 +3,21 @@ evaluation columns, and a resume that ends bit-identical to an uninterrupted run
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
+import vlmdistill
+from vlmdistill.cli import app
 from vlmdistill.config import ConfigError, ExperimentConfig, load_config
 from vlmdistill.data.multilabel_set import MultiLabelSet, open_multilabel, prepare_multilabel
 from vlmdistill.demo.clutter import ClutterParams, clutter_classes, generate_clutter
 from vlmdistill.io import read_json
 from vlmdistill.losses import LossInputs, Objective
+from vlmdistill.mlapi import MultiLabelDistilled, export_multilabel
 from vlmdistill.mlfewshot import run_multilabel_fewshot
 from vlmdistill.multilabel.loss import AsymmetricLoss
 from vlmdistill.report import comparison_rows
@@ -90,6 +95,35 @@ def test_run_trains_evaluates_and_resumes_bit_identically(ml_overrides: list[str
         assert torch.equal(weights[k], again[k]), k
     assert resumed["metrics"] == res["metrics"]
     _check_fewshot(full, ds)
+    _check_load_export_predict(full, clutter_dir.parent / "h5" / "val.h5", clutter_dir.parent / "model")
+
+
+def _check_load_export_predict(full: ExperimentConfig, val_h5: Path, out: Path) -> None:
+    """load() of the run and of its model folder agree; model.onnx agrees with PyTorch; predict lists scenes."""
+    import onnxruntime as ort
+
+    run_model = vlmdistill.load(full.run_dir)
+    assert isinstance(run_model, MultiLabelDistilled)
+    names = ["red hollow circle", "a thing never seen"]
+    labels, pixels = run_model.scene_pixels([val_h5])
+    assert len(labels) == 8 and pixels.shape == (8, 8, 32, 32) and labels[0].endswith("val.h5#scene_00000")
+    detected = run_model.detect([val_h5], names)
+    prob = run_model.probabilities(pixels, names)
+    first = {d.name: d for d in detected[0][1]}
+    assert first[names[1]].probability == pytest.approx(float(prob[0, 1]))
+    assert first[names[0]].present == bool(run_model.model.present(prob)[0, 0])
+    manifest = export_multilabel(full.run_dir, out)
+    assert manifest["onnx"]["parity_max_abs_diff"] <= 1e-4 and manifest["names"] == run_model.names
+    folder_model = vlmdistill.load(out)
+    assert torch.allclose(folder_model.probabilities(pixels, names), prob, atol=1e-5)
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    onnx_prob = torch.from_numpy(session.run(["probability"], {"pixels": pixels.numpy()})[0])
+    assert torch.allclose(onnx_prob, run_model.probabilities(pixels), atol=1e-4)
+    res = CliRunner().invoke(app, ["predict", str(out), str(val_h5), "--classes", ",".join(names)])
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 8 and set(rows[0]["probabilities"]) == set(names)
+    assert rows[0]["probabilities"][names[1]] == round(first[names[1]].probability, 4)
 
 
 def _check_fewshot(full: ExperimentConfig, ds: MultiLabelSet) -> None:
@@ -106,3 +140,18 @@ def _check_fewshot(full: ExperimentConfig, ds: MultiLabelSet) -> None:
     assert {"X_id acc", "Y_ood on X_ood F1", "Y_ood on X_ood f1 few-shot"} <= set(header)
     at = header.index("Y_ood on X_ood f1 few-shot")
     assert rows[0][at] == out["finetune"]["y_ood_on_ood"]["f1"]
+
+
+def test_region_cosine_baseline_trains_without_prompt_learning(ml_overrides: list[str], clutter_dir: Path) -> None:
+    cfg = load_config(None, [*ml_overrides, "multilabel.head=region_cosine", "loss.mse.weight=1", "optim.epochs=1",
+                             "train.eval_every=1", "name=region"])
+    res = distill(cfg)
+    assert res["complete"] and set(res["metrics"]) == {"x_id", "y_id_on_ood", "y_ood_on_ood"}
+    weights = RunFolder(cfg.run_dir).student().weights
+    assert "head.bias" in weights and weights["head.text"].shape == (14, 32)
+    assert not any("ctx" in k for k in weights)
+    model = vlmdistill.load(cfg.run_dir)
+    _, pixels = model.scene_pixels([clutter_dir.parent / "h5" / "val.h5"])
+    ids = list(open_multilabel(clutter_dir).id_objects)
+    # the stored text is the teacher's prompts of the ID names: scoring those names again gives the same P
+    assert torch.allclose(model.probabilities(pixels, ids), model.model(pixels)[1], atol=1e-5)

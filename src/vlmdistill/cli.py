@@ -447,6 +447,13 @@ def export_cmd(
 ) -> None:
     """A self-contained model folder: weights, manifest, class text embeddings, model.onnx, the text tower."""
     from vlmdistill.export import export_model
+    from vlmdistill.mlapi import export_multilabel, is_multilabel_model
+
+    if _run(is_multilabel_model, run_dir):
+        manifest = _run(export_multilabel, run_dir, out)
+        console.print(f"wrote {out}: multi-label student ({manifest['onnx']['input']}), {len(manifest['names'])} "
+                      f"object names, model.onnx (max |onnx - torch| {manifest['onnx']['parity_max_abs_diff']:.1e})")
+        return
 
     manifest = _run(export_model, run_dir, out, labels=labels, descriptions=descriptions, open_clip=open_clip,
                     text_tower=text_tower)
@@ -502,6 +509,7 @@ def predict_cmd(
     images are reported one by one and the rest are still predicted."""
     from vlmdistill import inputs
     from vlmdistill.api import load
+    from vlmdistill.mlapi import MultiLabelDistilled
     from vlmdistill.predict import format_rows, output_kind, predict, write_predictions
 
     _run(inputs.top_k, top_k, "--top-k")
@@ -510,6 +518,9 @@ def predict_cmd(
         _run(output_kind, out)
     names, descs = _run(_predict_classes, labels, classes, descriptions)
     model = _run(load, model_dir, device)
+    if isinstance(model, MultiLabelDistilled):
+        _predict_scenes(model, images, names, out)
+        return
     rows = _run(predict, model, images, names, top_k, descriptions=descs)
     if out is not None:
         _run(write_predictions, rows, out)
@@ -520,6 +531,24 @@ def predict_cmd(
         typer.echo(f"unreadable {r.path}: {r.error}", err=True)
     typer.echo(f"{len(rows) - len(bad)} images predicted, {len(bad)} unreadable"
                + (f"; wrote {out}" if out is not None else ""), err=True)
+
+
+def _predict_scenes(model: Any, scenes: list[Path], names: list[str] | None, out: Path | None) -> None:
+    """A multi-label model: one JSON line per scene (h5 files: each scene) with the present objects and every
+    name's probability, printed or written to ``out`` (.jsonl)."""
+    from vlmdistill.io import atomic_write_text
+    from vlmdistill.mlapi import detections_json
+
+    if out is not None and out.suffix != ".jsonl":
+        console.print(f"[bold red]error:[/] --out {out}: a multi-label model writes .jsonl (one scene a line)")
+        raise typer.Exit(2)
+    rows = _run(model.detect, scenes, names)
+    text = detections_json(rows)
+    if out is None:
+        typer.echo(text, nl=False)
+    else:
+        atomic_write_text(out, text)
+    typer.echo(f"{len(rows)} scenes predicted" + (f"; wrote {out}" if out is not None else ""), err=True)
 
 
 def run() -> None:

@@ -66,16 +66,20 @@ def object_texts(cfg: ExperimentConfig, names: Sequence[str], descriptions: dict
 
 
 def build_model(cfg: ExperimentConfig, teacher: Teacher, kinds: Sequence[str], names: Sequence[str],
-                descriptions: dict[str, str] | None, asl: AsymmetricLoss) -> MultiLabelModel:
-    """The student (``kinds`` stacked inputs), the configured head over ``names`` and the loss's bias holder."""
+                descriptions: dict[str, str] | None, asl: AsymmetricLoss,
+                region_text: torch.Tensor | None = None) -> MultiLabelModel:
+    """The student (``kinds`` stacked inputs), the configured head over ``names`` and the loss's bias holder.
+    ``region_text``: the region-cosine head's fixed embeddings when known (a saved model's are in its weights),
+    else the teacher embeds the names' prompts."""
     student = create_student(cfg.student, teacher.embed_dim, kinds)
     width = student.net.num_features
     if cfg.multilabel.head == "dual_prompt":
         desc = [descriptions.get(n, "") for n in names] if cfg.text.use_descriptions and descriptions else None
         head: nn.Module = DualPromptHead(teacher, width, names, desc, cfg.text.n_ctx, cfg.loss.temperature)
     else:
-        text = embed_texts(teacher, object_texts(cfg, names, descriptions), cfg.cache_dir)
-        head = RegionCosineHead(width, text, cfg.loss.temperature)
+        if region_text is None:
+            region_text = embed_texts(teacher, object_texts(cfg, names, descriptions), cfg.cache_dir)
+        head = RegionCosineHead(width, region_text, cfg.loss.temperature)
     return MultiLabelModel(student, head, asl, names)
 
 
