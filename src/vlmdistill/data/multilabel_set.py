@@ -3,7 +3,8 @@ ID/OOD object split (its §8), written as one ``multilabel.json`` in the prepare
 
 The split rule: ID objects are given (``id_objects``), or, for a CSV with a split column, are every object of
 its ``train`` rows. A scene holding only ID objects is an ID scene: ``train`` or ``val_on_train`` (X_id),
-as its split says, else ``ceil(train_fraction * n)`` of them, seeded, train. A scene holding any other object
+as its split says; ID scenes without one are all X_id when some scenes are given as ``train`` (the paper's
+train file and val file), else ``ceil(train_fraction * n)`` of them, seeded, train. A scene holding any other object
 is an OOD scene (``val``, X_ood: ID and OOD objects mixed). A scene given as ``train`` or ``val_on_train``
 that holds an OOD object is refused, naming it: training scenes hold only ID objects. The OOD objects are
 those of the OOD scenes that are not ID.
@@ -97,7 +98,7 @@ def split_scenes(items: Sequence[tuple[str | None, SceneItem]], id_objects: Sequ
         else:
             out["val"].append(item)
     random.Random(seed).shuffle(unsplit)
-    n_train = math.ceil(train_fraction * len(unsplit))
+    n_train = 0 if out["train"] else math.ceil(train_fraction * len(unsplit))
     out["train"] += unsplit[:n_train]
     out["val_on_train"] += unsplit[n_train:]
     if not out["train"]:
