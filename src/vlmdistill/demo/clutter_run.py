@@ -33,9 +33,9 @@ CLUTTER_ROWS = (
 SCENES = {"train": 240, "val_on_train": 60, "val": 110}
 IMAGE_SIZE = 48
 MULTILABEL = ["loss.cls.weight=0", "loss.asl.weight=1", f"data.base_size={IMAGE_SIZE}",
-              f"student.image_size={IMAGE_SIZE}", "data.teacher_camera=hand", "optim.epochs=6",
-              "optim.batch_size=48", "train.target_views=4", "train.eval_every=6", "train.average_last=1",
-              "train.analysis=false", "fewshot.epochs=2"]
+              f"student.image_size={IMAGE_SIZE}", "data.teacher_camera=hand", "optim.epochs=8",
+              "train.target_views=4", "train.eval_every=8", "train.average_last=1", "train.analysis=false",
+              "fewshot.epochs=2", "multilabel.fewshot_batch_size=128"]
 COLUMNS = ("ml_x_id_acc", "ml_id_on_ood_acc", "ml_ood_on_ood_acc", "ml_x_id_f1", "ml_id_on_ood_f1",
            "ml_ood_on_ood_f1", "ml_ood_on_ood_map", "ml_fs_x_id_acc", "ml_fs_id_on_ood_acc", "ml_fs_ood_on_ood_acc",
            "ml_fs_x_id_f1", "ml_fs_id_on_ood_f1", "ml_fs_ood_on_ood_f1")
