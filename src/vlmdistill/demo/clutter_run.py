@@ -45,7 +45,7 @@ def clutter_data(cache: Path, scale: DemoScale) -> tuple[Path, Path]:
     """The scenes (generated once) as a prepared multi-label dataset, and the objects' descriptions file."""
     w = scale.world
     params = ClutterParams(n_id=w.n_id, n_ood=w.n_ood, image_size=IMAGE_SIZE, seed=w.seed)
-    root = cache / "demo" / f"clutter-{w.tag}-{IMAGE_SIZE}"
+    root = cache / "demo" / f"clutter-{w.tag}-{IMAGE_SIZE}-{'-'.join(map(str, SCENES.values()))}"
     classes = clutter_classes(params)
     data, desc = root / "data", root / "descriptions.json"
     if not (data / MANIFEST).is_file():
