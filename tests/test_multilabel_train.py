@@ -52,6 +52,12 @@ def test_single_label_terms_refused_beside_asl(ml_overrides: list[str]) -> None:
         load_config(None, [o for o in ml_overrides if o != "loss.cls.weight=0"])
 
 
+def test_asl_on_single_label_data_is_refused(base_overrides: list[str]) -> None:
+    cfg = load_config(None, [*base_overrides, "loss.cls.weight=0", "loss.asl.weight=1"])
+    with pytest.raises(ConfigError, match=r"single-label dataset: set loss\.asl\.weight=0"):
+        distill(cfg)
+
+
 def test_asl_term_is_the_asymmetric_loss(ml_overrides: list[str]) -> None:
     cfg = load_config(None, [*ml_overrides, "loss.imcst.weight=1"])
     objective = Objective(cfg.loss)

@@ -16,7 +16,7 @@ import torch
 
 from vlmdistill import distributed
 from vlmdistill.checkpoint import clear_checkpoints, intact_checkpoint
-from vlmdistill.config import ExperimentConfig
+from vlmdistill.config import ConfigError, ExperimentConfig
 from vlmdistill.data.multilabel_set import is_multilabel
 from vlmdistill.errors import RunError
 from vlmdistill.evaluate import analyse, score_student, skipped_images
@@ -124,6 +124,9 @@ def distill(cfg: ExperimentConfig, ws: Workspace | None = None, resume: bool = F
             results = train_multilabel(cfg, resume, ws.teacher if ws is not None else None)
             _write_results(cfg.run_dir, results)
             return results.to_dict()
+        if cfg.loss.asl.weight:
+            raise ConfigError(f"loss.asl trains a multi-label head, but {cfg.data.dir} is a single-label dataset: "
+                              "set loss.asl.weight=0, or prepare multi-label data (prepare --multilabel-csv / --h5)")
         ws = ws or build_workspace(cfg)
         train_set, eval_set = default_sets(ws, class_text_embeddings(cfg, ws)[0])
         task = DistillTask(cfg, ws, train_set)
