@@ -21,7 +21,6 @@ import torch
 from vlmdistill.data.images import BadImageError, load_image
 from vlmdistill.data.source import Batch
 from vlmdistill.multilabel.h5scenes import (
-    CHANNELS,
     BadSceneError,
     Camera,
     Kind,
@@ -43,10 +42,6 @@ class SceneItem:
     key: str
     shard: None = None
 
-    @property
-    def class_dir(self) -> str:
-        return ""
-
 
 @dataclass(frozen=True)
 class SceneLayout:
@@ -55,12 +50,6 @@ class SceneLayout:
     cameras: tuple[Camera, ...]
     kinds: tuple[Kind, ...]
     depth_max: float | None
-
-    def channels(self, item: SceneItem | None = None) -> int:
-        """Stacked channels of h5 scenes (an image file has 3)."""
-        if item is not None and item.scene is None:
-            return 3
-        return len(self.cameras) * sum(CHANNELS[k] for k in self.kinds)
 
 
 def read_scene(item: SceneItem, layout: SceneLayout, size: int) -> torch.Tensor:
@@ -97,13 +86,6 @@ class SceneSource:
     @property
     def bad_keys(self) -> list[str]:
         return sorted(self.records[i].key for i in self.bad)
-
-    def subset(self, index: list[int]) -> SceneSource:
-        """Some of the scenes, sharing what is already in memory."""
-        sub = SceneSource([self.records[i] for i in index], self.base_size, self.layout, self.skip_bad, self.preload)
-        sub._cache = {j: self._cache[i] for j, i in enumerate(index) if i in self._cache}
-        sub.bad = {j for j, i in enumerate(index) if i in self.bad}
-        return sub
 
     def _read(self, i: int) -> torch.Tensor | None:
         if i in self._cache:
@@ -162,6 +144,3 @@ class CameraRgbSource:
     def iter_batches(self, batches: list[torch.Tensor]) -> Iterator[Batch]:
         for batch in self.scenes.iter_batches(batches):
             yield Batch((batch.images * 255.0).round().to(torch.uint8), batch.index)
-
-    def batches(self, order: torch.Tensor, batch_size: int) -> Iterator[Batch]:
-        return self.iter_batches(list(order.split(batch_size)))
