@@ -161,3 +161,12 @@ def test_region_cosine_baseline_trains_without_prompt_learning(ml_overrides: lis
     ids = list(open_multilabel(clutter_dir).id_objects)
     # the stored text is the teacher's prompts of the ID names: scoring those names again gives the same P
     assert torch.allclose(model.probabilities(pixels, ids), model.model(pixels)[1], atol=1e-5)
+
+
+def test_a_column_without_scenes_is_empty_not_an_error() -> None:
+    from vlmdistill.mlevaluate import column_metrics
+    from vlmdistill.results import average_metrics
+
+    assert column_metrics(None, torch.zeros(0, 0), torch.zeros(0, 3), range(3)) == {}  # type: ignore[arg-type]
+    assert average_metrics([{"x_id": {}, "y_ood_on_ood": {"f1": 10.0}}, {"x_id": {}, "y_ood_on_ood": {"f1": 20.0}}]) \
+        == {"y_ood_on_ood": {"f1": 15.0}}

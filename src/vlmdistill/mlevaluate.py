@@ -41,7 +41,10 @@ def scene_probabilities(model: MultiLabelModel, source: SceneSource, text: Text,
 
 def column_metrics(model: MultiLabelModel, prob: torch.Tensor, target: torch.Tensor,
                    classes: Sequence[int]) -> dict[str, float]:
-    """Accuracy, precision, recall, F1 and mAP (percent) of one group of names."""
+    """Accuracy, precision, recall, F1 and mAP (percent) of one group of names; empty without scenes (a split
+    with none, or every one unreadable and skipped), so averages leave it out."""
+    if not len(target):
+        return {}
     with torch.no_grad():
         pred = model.present(prob.to(model.asl.bias.device)).cpu()
     return {**presence_metrics(pred, target, classes), "map": mean_average_precision(prob, target, classes)}
