@@ -69,3 +69,19 @@ def test_predict_worked_example() -> None:
 def test_unknown_bias_mode() -> None:
     with pytest.raises(ValueError, match="bias_mode"):
         AsymmetricLoss(bias_mode="raw")
+
+
+def test_an_overshooting_bias_still_learns_in_tanh_mode_only() -> None:
+    # tanh(b) = 0.9 clamps every q (p >= 0.12) to 1: the plain clamp (paper mode) passes no gradient, so a run is
+    # stuck with every object present; the straight-through clamp (tanh mode) gives the same loss and pulls b
+    # back down: each negative's -(1 - q_neg)^2 log(1 - q + clip) has slope 0.95^2 / 0.05 in q.
+    values = {}
+    for mode in ("tanh", "paper"):
+        loss = _loss(math.atanh(0.9), mode)
+        value = loss(PROB, TARGET)
+        value.backward()
+        values[mode] = value.item()
+        grad = loss.bias.grad.item()
+        expected = 3 * 0.95**2 / 0.05 * (1 - 0.9**2) / 2 if mode == "tanh" else 0.0  # 3 negatives, mean of 2 rows
+        assert grad == pytest.approx(expected, rel=1e-4), mode
+    assert values["tanh"] == values["paper"]

@@ -24,6 +24,7 @@ from vlmdistill.data.images import BadImageError, Interpolation, ResizeMode, fit
 from vlmdistill.data.views import Views, render
 from vlmdistill.errors import VlmdistillError
 from vlmdistill.io import read_json
+from vlmdistill.mlapi import MultiLabelDistilled, is_multilabel_model, load_multilabel
 from vlmdistill.runfolder import RunFolder, SavedStudent, read_tensors
 from vlmdistill.students import Student
 from vlmdistill.texttower import TEXT_DIR, TextTowerError, open_text_tower
@@ -303,9 +304,12 @@ def _from_folder(folder: Path, device: str) -> DistilledModel:
                           saved.context, manifest)
 
 
-def load(path: str | Path, device: str = "cpu") -> DistilledModel:
-    """A model folder (``vlmdistill export``) or a run directory (``runs/<name>``) as a ``DistilledModel``."""
+def load(path: str | Path, device: str = "cpu") -> DistilledModel | MultiLabelDistilled:
+    """A model folder (``vlmdistill export``) or a run directory (``runs/<name>``) as a ``DistilledModel``; a
+    multi-label one as a ``MultiLabelDistilled`` (``detect`` lists the objects a scene holds), on CPU."""
     path, device = Path(path), inputs.device(device)
+    if path.is_dir() and is_multilabel_model(path):
+        return load_multilabel(path)
     if path.exists() and not path.is_dir():
         raise ModelLoadError(f"{path} is a file, not a model folder: give the folder `vlmdistill export` wrote "
                              f"(it holds {MANIFEST}) or a run directory (runs/<name>)")

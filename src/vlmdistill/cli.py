@@ -111,14 +111,37 @@ def prepare(
     shards: Annotated[bool, typer.Option(help="Write the splits as webdataset tar shards (image, class, key) "
                                               "under OUT/shards instead of linking the images.")] = False,
     shard_size: Annotated[int, typer.Option(help="Images per tar shard (with --shards).")] = 1000,
+    multilabel_csv: Annotated[Path | None, typer.Option(help="Multi-label CSV path,labels[,split] (labels "
+                                                             "separated by ';').")] = None,
+    h5: Annotated[list[str] | None, typer.Option(help="PickClutter h5 file, as FILE (split by the ID objects) or "
+                                                      "SPLIT=FILE; repeatable.")] = None,
+    id_objects: Annotated[str | None, typer.Option(help="Multi-label: the ID object names, separated by ';'.")] = None,
+    traj_type: Annotated[str | None, typer.Option(help="h5: keep only scenes with this traj_type.")] = None,
+    skip_bad: Annotated[bool, typer.Option(help="Multi-label: skip (and count) bad scenes or missing images "
+                                                "instead of stopping.")] = False,
 ) -> None:
-    """Materialise ID-train / ID-val / OOD-val splits (the paper's layout, images linked not copied)."""
+    """Materialise ID-train / ID-val / OOD-val splits (the paper's layout, images linked not copied), or a
+    multi-label dataset (--multilabel-csv or --h5: the paper's ID/OOD object split)."""
+    if multilabel_csv is not None or h5:
+        _prepare_multilabel(out, multilabel_csv, h5 or [], id_objects, seed, train_fraction, traj_type, skip_bad)
+        return
     from vlmdistill.data.prepare import prepare as do_prepare
 
     ids = [x.strip() for x in id_classes.read_text().splitlines() if x.strip()] if id_classes else None
     counts = _run(do_prepare, out, lists=lists, images=images, csv_path=csv, labels=labels,
                   descriptions=descriptions, seed=seed, id_fraction=id_fraction, train_fraction=train_fraction,
                   id_classes=ids, unlabeled=unlabeled, shards=shards, shard_size=shard_size)
+    console.print(f"prepared {out}: {counts}")
+
+
+def _prepare_multilabel(out: Path, csv: Path | None, h5: list[str], id_objects: str | None, seed: int,
+                        train_fraction: float, traj_type: str | None, skip_bad: bool) -> None:
+    from vlmdistill.data.multilabel_set import prepare_multilabel
+
+    files = [(s, Path(f)) if sep else (None, Path(s)) for s, sep, f in (item.partition("=") for item in h5)]
+    ids = [x.strip() for x in id_objects.split(";") if x.strip()] if id_objects else None
+    counts = _run(prepare_multilabel, out, csv_path=csv, h5=files, id_objects=ids, seed=seed,
+                  train_fraction=train_fraction, traj_type=traj_type, skip_bad=skip_bad)
     console.print(f"prepared {out}: {counts}")
 
 
@@ -204,6 +227,7 @@ def fewshot(
                                                  "classes, score both halves.")] = False,
 ) -> None:
     """Adapt a distilled student to the OOD classes from K images each: finetune and Tip-Adapter retrieval."""
+    from vlmdistill.data.multilabel_set import is_multilabel
     from vlmdistill.fewshot import run_fewshot
     from vlmdistill.loop import RunInterrupted
     from vlmdistill.workspace import build_workspace
@@ -214,6 +238,9 @@ def fewshot(
     if continual:
         extra.append("fewshot.continual=true")
     cfg = _load(config, [*(overrides or []), *extra])
+    if is_multilabel(cfg.data.dir):
+        _multilabel_fewshot(cfg, from_run or cfg.run_dir)
+        return
     ws = _run(build_workspace, cfg)
     try:
         out = _run(run_fewshot, cfg, ws, from_run or cfg.run_dir)
@@ -232,6 +259,19 @@ def fewshot(
     _skipped_line(out, (from_run or cfg.run_dir) / "fewshot.json")
 
 
+def _multilabel_fewshot(cfg: Any, from_run: Path) -> None:
+    """Few-shot finetuning on multi-label scenes (``multilabel.fewshot_scenes`` OOD scenes); its table."""
+    from vlmdistill.loop import RunInterrupted
+    from vlmdistill.mlfewshot import run_multilabel_fewshot
+    from vlmdistill.report import comparison_rows, rich_table
+
+    try:
+        out = _run(run_multilabel_fewshot, cfg, from_run)
+    except RunInterrupted as stop:
+        raise _interrupted(stop, "few-shot adaptation does not resume: run the same command again") from None
+    out_console.print(rich_table(*comparison_rows([{"run": str(from_run), "fewshot": out}])))
+
+
 @app.command()
 def demo(
     quick: Annotated[bool, typer.Option(help="Small world, short training (about 30 s on 2 cores); the tests "
@@ -242,11 +282,18 @@ def demo(
         ".cache/vlmdistill"),
     pools: Annotated[bool, typer.Option(help="Also train with unlabelled pools of the world: an ID-only control "
                                              "(4x the train set) and the domain at 1x and 4x.")] = False,
+    clutter: Annotated[bool, typer.Option(help="Instead: the robotics experiment (Table 12) on cluttered RGB-D "
+                                               "scenes of the world's objects, multi-label, zero- and few-shot "
+                                               "(about 1 h 40 min for 3 seeds on 2 busy cores; README).")] = False,
     overrides: Overrides = None,
 ) -> None:
     """The whole method offline on a generated world: teacher, distilled variants, 5-shot, report."""
     from vlmdistill.demo.report import findings, rich_summary
     from vlmdistill.demo.run import POOL_ROWS, ROWS, run_demo
+
+    if clutter:
+        _clutter_demo(out, cache_dir, seeds, overrides or [])
+        return
 
     rows = (*ROWS, *POOL_ROWS) if pools else ROWS
     summary = _run(run_demo, out, cache_dir, quick=quick, seeds=seeds, overrides=overrides or [], rows=rows)
@@ -254,6 +301,16 @@ def demo(
     for claim, ok, detail in findings(summary):
         console.print(f"{'[green]yes[/]' if ok else '[red]no[/]'}  {claim}: {detail}")
     console.print(f"report: {out / 'report.md'} ({summary['seconds']:.0f} s)")
+
+
+def _clutter_demo(out: Path, cache_dir: Path, seeds: int, overrides: list[str]) -> None:
+    from vlmdistill.demo.clutter_run import clutter_table, findings, run_clutter_demo
+
+    summary = _run(run_clutter_demo, out, cache_dir, seeds=seeds, overrides=overrides)
+    out_console.print(clutter_table(summary))
+    for claim, ok, detail in findings(summary):
+        console.print(f"{'[green]yes[/]' if ok else '[red]no[/]'}  {claim}: {detail}")
+    console.print(f"report: {out / 'clutter.md'} ({summary['seconds']:.0f} s)")
 
 
 @app.command()
@@ -407,6 +464,13 @@ def export_cmd(
 ) -> None:
     """A self-contained model folder: weights, manifest, class text embeddings, model.onnx, the text tower."""
     from vlmdistill.export import export_model
+    from vlmdistill.mlapi import export_multilabel, is_multilabel_model
+
+    if _run(is_multilabel_model, run_dir):
+        manifest = _run(export_multilabel, run_dir, out)
+        console.print(f"wrote {out}: multi-label student ({manifest['onnx']['input']}), {len(manifest['names'])} "
+                      f"object names, model.onnx (max |onnx - torch| {manifest['onnx']['parity_max_abs_diff']:.1e})")
+        return
 
     manifest = _run(export_model, run_dir, out, labels=labels, descriptions=descriptions, open_clip=open_clip,
                     text_tower=text_tower)
@@ -489,6 +553,7 @@ def predict_cmd(
     images are reported one by one and the rest are still predicted."""
     from vlmdistill import inputs
     from vlmdistill.api import load
+    from vlmdistill.mlapi import MultiLabelDistilled
     from vlmdistill.predict import format_rows, output_kind, predict, write_predictions
 
     _run(inputs.top_k, top_k, "--top-k")
@@ -497,6 +562,9 @@ def predict_cmd(
         _run(output_kind, out)
     names, descs = _run(_predict_classes, labels, classes, descriptions)
     model = _run(load, model_dir, device)
+    if isinstance(model, MultiLabelDistilled):
+        _predict_scenes(model, images, names, out)
+        return
     rows = _run(predict, model, images, names, top_k, descriptions=descs)
     if out is not None:
         _run(write_predictions, rows, out)
@@ -507,6 +575,24 @@ def predict_cmd(
         typer.echo(f"unreadable {r.path}: {r.error}", err=True)
     typer.echo(f"{len(rows) - len(bad)} images predicted, {len(bad)} unreadable"
                + (f"; wrote {out}" if out is not None else ""), err=True)
+
+
+def _predict_scenes(model: Any, scenes: list[Path], names: list[str] | None, out: Path | None) -> None:
+    """A multi-label model: one JSON line per scene (h5 files: each scene) with the present objects and every
+    name's probability, printed or written to ``out`` (.jsonl)."""
+    from vlmdistill.io import atomic_write_text
+    from vlmdistill.mlapi import detections_json
+
+    if out is not None and out.suffix != ".jsonl":
+        console.print(f"[bold red]error:[/] --out {out}: a multi-label model writes .jsonl (one scene a line)")
+        raise typer.Exit(2)
+    rows = _run(model.detect, scenes, names)
+    text = detections_json(rows)
+    if out is None:
+        typer.echo(text, nl=False)
+    else:
+        atomic_write_text(out, text)
+    typer.echo(f"{len(rows)} scenes predicted" + (f"; wrote {out}" if out is not None else ""), err=True)
 
 
 def run() -> None:

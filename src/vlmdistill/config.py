@@ -89,7 +89,11 @@ class DataConfig(_Strict):
     ``unlabeled``: a pool of unlabelled images (folder, list file or CSV with a ``path`` column; default: the
     pool ``prepare --unlabeled`` recorded) for the label-free terms, ``unlabeled_ratio`` pool images per
     labelled image in each batch (0: no pool). ``decode``: ``cpu`` decodes in loader workers with PIL; ``device``
-    has the workers read JPEG bytes and decodes them on the training device (``data/device_decode.py``)."""
+    has the workers read JPEG bytes and decodes them on the training device (``data/device_decode.py``).
+
+    Multi-label scene data (``prepare --h5``): the student takes ``cameras`` x ``channels`` stacked (base + hand
+    RGB-D: the paper's 8 channels), depth as metres / ``depth_max`` (null: raw metres, the official code's);
+    the teacher sees ``teacher_camera``'s RGB (the paper's L_mse / L_im-cst use the hand camera's)."""
 
     dir: Path = Path("data")
     base_size: Annotated[Int, Field(ge=8)] = 256
@@ -107,6 +111,10 @@ class DataConfig(_Strict):
     skip_bad_images: bool = False
     unlabeled: Path | None = None
     unlabeled_ratio: NonNegative = 1.0
+    cameras: tuple[Literal["base", "hand"], ...] = Field(default=("base", "hand"), min_length=1)
+    channels: tuple[Literal["rgb", "depth"], ...] = Field(default=("rgb", "depth"), min_length=1)
+    teacher_camera: Literal["base", "hand"] = "hand"
+    depth_max: Positive | None = 2.0
 
     @field_validator("crop_scale")
     @classmethod
@@ -157,6 +165,16 @@ class CapTerm(LossTerm):
     temperature: Positive = 1.0
 
 
+class AslTerm(LossTerm):
+    """The asymmetric loss of a multi-label head: the paper's gammas and clip, and the score bias mode
+    (``multilabel.loss``: ``tanh`` at training and prediction, or ``paper``: the raw bias at prediction)."""
+
+    gamma_neg: NonNegative = 2.0
+    gamma_pos: NonNegative = 1.0
+    clip: Annotated[Real, Field(ge=0, lt=1)] = 0.05
+    bias_mode: Literal["tanh", "paper"] = "tanh"
+
+
 class LossConfig(_Strict):
     """Weighted sum of named terms; a weight of 0 disables a term (it is not even computed)."""
 
@@ -167,6 +185,7 @@ class LossConfig(_Strict):
     vlalign: VlAlignTerm = Field(default_factory=VlAlignTerm)
     kd: KdTerm = Field(default_factory=KdTerm)
     cap: CapTerm = Field(default_factory=CapTerm)
+    asl: AslTerm = Field(default_factory=AslTerm)
     closed_set: bool = False
     closed_set_id_logits: Literal["id", "all"] = "id"
 
@@ -226,6 +245,17 @@ class FewShotConfig(_Strict):
     continual: bool = False
 
 
+class MultiLabelConfig(_Strict):
+    """The multi-label head on the student's last feature map (used on multi-label data only). ``dual_prompt``:
+    DualCoOp's learned positive/negative contexts (``text.n_ctx`` tokens, descriptions with
+    ``text.use_descriptions``); ``region_cosine``: fixed teacher text embeddings, no prompt learning.
+    Few-shot: the first ``fewshot_scenes`` OOD scenes join the training scenes."""
+
+    head: Literal["dual_prompt", "region_cosine"] = "dual_prompt"
+    fewshot_scenes: Count = 50
+    fewshot_batch_size: BatchSize = 46
+
+
 PAPER_MODE: dict[str, dict[str, Any]] = {
     "data": {"resize": "squash", "augment_per": "batch", "base_size": 256, "teacher_eval_view": "whole",
              "interpolation": "bilinear"},
@@ -255,6 +285,7 @@ class ExperimentConfig(_Strict):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     fewshot: FewShotConfig = Field(default_factory=FewShotConfig)
+    multilabel: MultiLabelConfig = Field(default_factory=MultiLabelConfig)
 
     @model_validator(mode="before")
     @classmethod

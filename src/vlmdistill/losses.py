@@ -22,15 +22,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmdistill.config import ConfigError, LossConfig, LossTerm
+from vlmdistill.multilabel.loss import AsymmetricLoss
 
-Need = Literal["labels", "teacher", "texts", "captions"]
+Need = Literal["labels", "teacher", "texts", "captions", "multi_hot"]
+SINGLE_LABEL: frozenset[Need] = frozenset({"labels", "texts", "captions"})
+"""Needs that only single-label data meets (one class per image, class texts as logits); refused beside a term
+that needs multi-hot targets (``check_loss_config``)."""
 TERMS: dict[str, type[Term]] = {}
 """Every registered term by its ``LossConfig`` field name, in registration order."""
 
 
 @dataclass
 class LossInputs:
-    """One batch. ``s``/``t``/``w`` are unit vectors; the raw ones feed the unnormalised MSE variant.
+    """One batch. ``s``/``t``/``w`` are unit vectors; the raw ones feed the unnormalised MSE variant. Multi-label
+    batches hold multi-hot ``y`` [B, K] and the head's P(present) ``p`` [B, K].
 
     Teacher-side quantities are constants of the loss: every term detaches them, so a learnable prompt
     (or an online teacher) never receives gradient through the teacher's distribution.
@@ -43,6 +48,7 @@ class LossInputs:
     s_raw: torch.Tensor | None = None
     t_raw: torch.Tensor | None = None
     c: torch.Tensor | None = None
+    p: torch.Tensor | None = None
 
     def rows(self, mask: torch.Tensor) -> LossInputs:
         """The same batch restricted to the rows ``mask`` selects (the class texts ``w`` are not rows)."""
@@ -227,6 +233,24 @@ class CaptionLoss(Term, key="cap"):
         return F.cross_entropy(logits, torch.arange(len(logits), device=logits.device))
 
 
+class AsymmetricTerm(Term, key="asl"):
+    """The multi-label head's loss: ASL on P(present) against multi-hot targets, with its learned score bias
+    (``multilabel.loss.AsymmetricLoss``; the bias is a parameter of this term, trained with the student)."""
+
+    needs = frozenset({"multi_hot"})
+
+    def __init__(self, loss: AsymmetricLoss) -> None:
+        super().__init__()
+        self.loss = loss
+
+    @classmethod
+    def build(cls, term: LossTerm, loss: LossConfig) -> Term:
+        return cls(AsymmetricLoss(term.gamma_neg, term.gamma_pos, term.clip, bias_mode=term.bias_mode))
+
+    def forward(self, x: LossInputs) -> torch.Tensor:
+        return self.loss(x.p, x.y)
+
+
 Rows = Literal["labelled", "pool", "both"]
 """Where a term runs in a batch that holds unlabelled pool rows."""
 
@@ -244,9 +268,15 @@ def check_loss_config(cfg: LossConfig, captions: bool) -> None:
     enabled = enabled_terms(cfg)
     if not enabled:
         raise ConfigError(f"every loss weight is 0: enable at least one of loss.{{{','.join(TERMS)}}}")
+    multi = sorted(k for k, (term, c) in enabled.items() if "multi_hot" in term.requires(c))
     for name, (term, c) in enabled.items():
         needs = term.requires(c)
-        if "labels" in needs and c.on not in (None, "labelled"):
+        if multi and needs & SINGLE_LABEL:
+            raise ConfigError(f"loss.{name} needs {', '.join(sorted(needs & SINGLE_LABEL))} of single-label data "
+                              f"(one class per image), undefined for the multi-hot targets loss.{multi[0]} trains "
+                              f"on: set loss.{name}.weight=0 (multi-label runs combine {multi[0]} with the "
+                              "teacher-only terms: mse, imcst)")
+        if needs & {"labels", "multi_hot"} and c.on not in (None, "labelled"):
             raise ConfigError(f"loss.{name}.on={c.on}: {name} needs labels, so it runs on labelled images only; "
                               f"drop loss.{name}.on or set it to labelled")
         if "captions" in needs and not captions:
@@ -269,7 +299,7 @@ class Objective(nn.Module):
                      for k, (term, c) in enabled_terms(cfg).items()}
         self.terms = nn.ModuleDict({k: m for k, (m, _, _, _) in terms.items()})
         self.weights = {k: w for k, (_, w, _, _) in terms.items()}
-        self.where: dict[str, Rows] = {k: "labelled" if "labels" in needs else (on or "both")
+        self.where: dict[str, Rows] = {k: "labelled" if needs & {"labels", "multi_hot"} else (on or "both")
                                        for k, (_, _, needs, on) in terms.items()}
         self.needs: frozenset[Need] = frozenset().union(*(needs for _, _, needs, _ in terms.values()))
         self.needs_teacher = "teacher" in self.needs

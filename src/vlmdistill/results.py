@@ -32,6 +32,17 @@ METRICS: dict[str, Metric] = {
     "ood_5shot_finetune": Metric("OOD few-shot ft", ("fewshot", "finetune", "ood", "mean_per_class_recall")),
     "ood_5shot_retrieval": Metric("OOD few-shot Tip", ("fewshot", "retrieval", "ood", "mean_per_class_recall")),
     "gzsl_h": Metric("GZSL H", ("metrics_last_avg", "gzsl", "harmonic")),
+    "ml_x_id_acc": Metric("X_id acc", ("metrics_last_avg", "x_id", "accuracy")),
+    "ml_id_on_ood_acc": Metric("Y_id on X_ood acc", ("metrics_last_avg", "y_id_on_ood", "accuracy")),
+    "ml_ood_on_ood_acc": Metric("Y_ood on X_ood acc", ("metrics_last_avg", "y_ood_on_ood", "accuracy")),
+    "ml_x_id_f1": Metric("X_id F1", ("metrics_last_avg", "x_id", "f1")),
+    "ml_id_on_ood_f1": Metric("Y_id on X_ood F1", ("metrics_last_avg", "y_id_on_ood", "f1")),
+    "ml_ood_on_ood_f1": Metric("Y_ood on X_ood F1", ("metrics_last_avg", "y_ood_on_ood", "f1")),
+    "ml_ood_on_ood_map": Metric("Y_ood on X_ood mAP", ("metrics_last_avg", "y_ood_on_ood", "map")),
+    **{f"ml_fs_{key}_{m}": Metric(f"{label} {m} few-shot", ("fewshot", "finetune", column, name))
+       for key, label, column in (("x_id", "X_id", "x_id"), ("id_on_ood", "Y_id on X_ood", "y_id_on_ood"),
+                                  ("ood_on_ood", "Y_ood on X_ood", "y_ood_on_ood"))
+       for m, name in (("acc", "accuracy"), ("f1", "f1"))},
     "m_rel_train": Metric("M_rel train", ("analysis", "train", "m_rel"), percent=False),
     "m_rel_ood": Metric("M_rel OOD", ("analysis", "ood", "m_rel"), percent=False),
     "m_neigh5_ood": Metric("M_neigh@5 OOD", ("analysis", "ood", "m_neigh@5"), percent=False),
@@ -57,7 +68,7 @@ def metric_value(results: dict[str, Any], key: str) -> Any:
 def average_metrics(history: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean of each numeric metric over evaluations (the paper reports the last 5 outer epochs)."""
     out: dict[str, Any] = {}
-    for split in ("id", "ood", "gzsl"):
+    for split in ("id", "ood", "gzsl", "x_id", "y_id_on_ood", "y_ood_on_ood"):
         entries = [h[split] for h in history if h.get(split)]
         if entries:
             out[split] = {k: sum(e[k] for e in entries) / len(entries) for k in entries[0] if k in entries[-1]}

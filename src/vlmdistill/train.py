@@ -16,12 +16,14 @@ import torch
 
 from vlmdistill import distributed
 from vlmdistill.checkpoint import clear_checkpoints, intact_checkpoint
-from vlmdistill.config import ExperimentConfig
+from vlmdistill.config import ConfigError, ExperimentConfig
+from vlmdistill.data.multilabel_set import is_multilabel
 from vlmdistill.errors import RunError
 from vlmdistill.evaluate import analyse, score_student, skipped_images
 from vlmdistill.integrity import Diverged, stop_on_lost_rank
 from vlmdistill.io import atomic_write_json, out_of_space
 from vlmdistill.loop import FitResult, fit
+from vlmdistill.mltrain import train_multilabel
 from vlmdistill.results import RunResults, average_metrics
 from vlmdistill.resume_check import check_resume, config_history, record_config
 from vlmdistill.runfolder import RunFolder
@@ -117,6 +119,14 @@ def distill(cfg: ExperimentConfig, ws: Workspace | None = None, resume: bool = F
             _start_again(cfg.run_dir)
         distributed.barrier()
         torch.manual_seed(cfg.seed)
+        if is_multilabel(cfg.data.dir):  # scenes with several objects each: the multi-label job (mltrain)
+            _begin(cfg, resume)
+            results = train_multilabel(cfg, resume, ws.teacher if ws is not None else None)
+            _write_results(cfg.run_dir, results)
+            return results.to_dict()
+        if cfg.loss.asl.weight:
+            raise ConfigError(f"loss.asl trains a multi-label head, but {cfg.data.dir} is a single-label dataset: "
+                              "set loss.asl.weight=0, or prepare multi-label data (prepare --multilabel-csv / --h5)")
         ws = ws or build_workspace(cfg)
         train_set, eval_set = default_sets(ws, class_text_embeddings(cfg, ws)[0])
         task = DistillTask(cfg, ws, train_set)

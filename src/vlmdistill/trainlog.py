@@ -61,10 +61,12 @@ class TrainLog:
             for k, v in (values or {}).items():
                 self.writer.add_scalar(f"eval/{split}/{k}", v, epoch)
         if self.plain:
-            scores = " ".join(f"{split}={values['mean_per_class_recall']:.2f}" for split, values in metrics.items()
-                              if values and "mean_per_class_recall" in values)
-            console.print(f"{self.cfg.name} eval epoch {epoch}/{self.cfg.optim.epochs}: {scores} "
-                          "(mean per-class accuracy %)", highlight=False)
+            multi = any(values and "f1" in values for values in metrics.values())  # Table 12's columns
+            key, unit = ("f1", "F1 %") if multi else ("mean_per_class_recall", "mean per-class accuracy %")
+            scores = " ".join(f"{split}={values[key]:.2f}" for split, values in metrics.items()
+                              if values and key in values)
+            console.print(f"{self.cfg.name} eval epoch {epoch}/{self.cfg.optim.epochs}: {scores} ({unit})",
+                          highlight=False)
 
     def _line(self, step: int, epoch: int, info: str) -> None:
         elapsed = time.monotonic() - self.start

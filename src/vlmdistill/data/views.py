@@ -73,12 +73,14 @@ def sample_views(
 
 
 def render(images: torch.Tensor, views: Views, size: int) -> torch.Tensor:
-    """uint8 [B, 3, S, S] + views -> float pixels in [0, 1] of shape [B, 3, size, size]."""
+    """uint8 [B, 3, S, S] + views -> float pixels in [0, 1] of shape [B, 3, size, size]. Float images (stacked
+    camera channels already in [0, 1], any number of them) are cropped the same way, every channel together."""
     b, _, hgt, wid = images.shape
     scale = torch.tensor([wid, hgt, wid, hgt], dtype=torch.float32)
     boxes = views.boxes.to(torch.float32) * scale
     rois = torch.cat([torch.arange(b, dtype=torch.float32).unsqueeze(1), boxes], dim=1).to(images.device)
-    out = roi_align(images.float(), rois, output_size=(size, size), sampling_ratio=-1, aligned=True) / 255.0
+    out = roi_align(images.float(), rois, output_size=(size, size), sampling_ratio=-1, aligned=True)
+    out = out if images.is_floating_point() else out / 255.0
     flips = views.flips.to(images.device).view(b, 1, 1, 1)
     return torch.where(flips, out.flip(-1), out)
 

@@ -16,6 +16,14 @@ Bias modes (``bias_mode``), b the learned scalar:
   the loss trained; tanh keeps it within (-1, 1).
 - ``"paper"``: shift = tanh(b) in the loss but the raw b at prediction, as the official ``robotics.py`` does
   (the two differ once |b| is not small: b = -0.5 trains a -0.46 shift but predicts with -0.5).
+
+The clamp of p + shift: in ``"paper"`` mode a plain clamp, whose gradient is zero wherever it is active, so a
+negative pushed to q = 1 stops pulling the shift down while positives below 1 still push it up. ``"tanh"``
+mode keeps the clamped values but passes the gradient of the unclamped sum (straight-through), so such a
+negative still pulls the shift down; values, and so the loss, are the same. Neither helps once tanh(b) itself
+saturates (|b| > ~9 in float32): the bias's gradient sums over every (scene, name) entry, so at a learning rate
+meant for weights (the clutter demo's SGD 0.05) one step can throw it there, after which every object is
+"present" (b = 16.9) or "absent" (b = -20.1) for good; the paper trains at lr 1e-3.
 """
 
 from __future__ import annotations
@@ -44,7 +52,10 @@ class AsymmetricLoss(nn.Module):
     def forward(self, prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Scalar loss of P(present) [B, K] against {0, 1} targets [B, K]."""
         y = target.to(prob.dtype)
-        q = (prob + torch.tanh(self.bias)).clamp(0.0, 1.0)
+        shifted = prob + torch.tanh(self.bias)
+        q = shifted.clamp(0.0, 1.0)
+        if self.bias_mode == "tanh":  # straight-through: clamped values, the gradient of the unclamped shift
+            q = shifted + (q - shifted).detach()
         q_neg = (1.0 - q + self.clip).clamp(max=1.0)
         log_likelihood = y * q.clamp(min=self.eps).log() + (1 - y) * q_neg.clamp(min=self.eps).log()
         with torch.no_grad():

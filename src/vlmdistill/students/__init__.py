@@ -8,6 +8,7 @@ no pretraining labels leak into the OOD classes.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import timm
@@ -34,18 +35,32 @@ class StudentSpec:
 
 
 class Student(nn.Module):
-    """Backbone + projection. ``forward`` takes pixels in [0, 1] and returns the raw embedding."""
+    """Backbone + projection. ``forward`` takes pixels in [0, 1] and returns the raw embedding.
 
-    def __init__(self, net: nn.Module, spec: StudentSpec, out_dim: int) -> None:
+    ``kinds`` names each stacked input's kind (``rgb`` or ``depth``, one entry per camera's part): RGB is
+    normalised with the backbone's mean and std, depth (already scaled to [0, 1] by the reader) passes as is."""
+
+    def __init__(self, net: nn.Module, spec: StudentSpec, out_dim: int, kinds: Sequence[str] = ("rgb",)) -> None:
         super().__init__()
         self.net = net
         self.spec = spec
         self.out_dim = out_dim
-        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
+        mean = [v for k in kinds for v in (spec.mean if k == "rgb" else (0.0,))]
+        std = [v for k in kinds for v in (spec.std if k == "rgb" else (1.0,))]
+        self.in_chans = len(mean)
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.net((pixels - self.mean) / self.std)
+
+    def feature_map(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The last feature map [B, C, H, W] (timm backbones), which a multi-label head reads."""
+        return self.net.forward_features((pixels - self.mean) / self.std)
+
+    def pooled(self, feature_map: torch.Tensor) -> torch.Tensor:
+        """The raw embedding from ``feature_map``: ``forward`` is ``pooled(feature_map(x))``."""
+        return self.net.forward_head(feature_map)
 
 
 def _replace_torchvision_head(model: nn.Module, out_dim: int) -> None:
@@ -63,9 +78,13 @@ def _replace_torchvision_head(model: nn.Module, out_dim: int) -> None:
         setattr(parent, child, new)
 
 
-def create_student(config: StudentConfig, out_dim: int) -> Student:
-    """``out_dim`` is the teacher's embed_dim (or the number of classes for the closed-set baseline)."""
+def create_student(config: StudentConfig, out_dim: int, kinds: Sequence[str] = ("rgb",)) -> Student:
+    """``out_dim`` is the teacher's embed_dim (or the number of classes for the closed-set baseline); ``kinds``
+    the stacked inputs (several cameras' RGB-D: timm's ``in_chans``, timm backbones only)."""
     arch = config.arch
+    if tuple(kinds) != ("rgb",) and arch.startswith("tv:"):
+        raise StudentBuildError(f"student.arch={arch}: stacked camera channels need a timm backbone (its in_chans "
+                                "and feature map), e.g. student.arch=efficientnet_b0")
     if arch.startswith("tv:"):
         name = arch[3:]
         if name not in torchvision.models.list_models():
@@ -87,6 +106,8 @@ def create_student(config: StudentConfig, out_dim: int) -> Student:
     if not timm.is_model(arch):
         raise StudentBuildError(f"timm has no model {arch!r}; see timm.list_models() or use tv:<name>")
     kwargs = dict(config.model_kwargs)
+    if tuple(kinds) != ("rgb",):
+        kwargs["in_chans"] = sum(3 if k == "rgb" else 1 for k in kinds)
     if config.drop_path:
         kwargs["drop_path_rate"] = config.drop_path
     try:
@@ -102,7 +123,7 @@ def create_student(config: StudentConfig, out_dim: int) -> Student:
         mean=tuple(pcfg.get("mean", IMAGENET_MEAN)),
         std=tuple(pcfg.get("std", IMAGENET_STD)),
     )
-    return Student(net, spec, out_dim)
+    return Student(net, spec, out_dim, kinds)
 
 
 def count_parameters(module: nn.Module) -> int:

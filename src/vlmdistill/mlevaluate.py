@@ -1,0 +1,73 @@
+"""Scoring a multi-label student under the paper's Table 12 protocol, plus mAP.
+
+Three columns: ``x_id`` (ID names on the ID validation scenes), ``y_id_on_ood`` and ``y_ood_on_ood`` (the ID
+names and the OOD names on the OOD scenes, scored together against every name, then read per group). Each
+holds ``accuracy`` and ``f1`` (Table 12 a, b; macro precision and recall, ``multilabel.metrics``), their
+``precision`` and ``recall``, and ``map``. Names enter only through text, so the OOD names are scored zero-shot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from vlmdistill.config import ExperimentConfig
+from vlmdistill.data.scenes import SceneSource
+from vlmdistill.data.views import Views, render
+from vlmdistill.multilabel.labels import multi_hot
+from vlmdistill.multilabel.metrics import mean_average_precision, presence_metrics
+from vlmdistill.multilabel.model import MultiLabelModel, Text, head_text
+from vlmdistill.teachers.base import Teacher
+
+COLUMNS = ("x_id", "y_id_on_ood", "y_ood_on_ood")
+
+
+@torch.no_grad()
+def scene_probabilities(model: MultiLabelModel, source: SceneSource, text: Text, size: int, eval_crop: float,
+                        batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """P(present) [N, K] (on CPU) of the scenes that could be read, centre view, and their indices."""
+    device = next(model.parameters()).device
+    probs, index = [], []
+    for batch in source.batches(torch.arange(len(source)), batch_size):
+        pixels = render(batch.images, Views.center(len(batch.index), eval_crop), size).to(device)
+        probs.append(model(pixels, text)[1].float().cpu())
+        index.append(batch.index)
+    if not probs:
+        return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
+    return torch.cat(probs), torch.cat(index)
+
+
+def column_metrics(model: MultiLabelModel, prob: torch.Tensor, target: torch.Tensor,
+                   classes: Sequence[int]) -> dict[str, float]:
+    """Accuracy, precision, recall, F1 and mAP (percent) of one group of names; empty without scenes (a split
+    with none, or every one unreadable and skipped), so averages leave it out."""
+    if not len(target):
+        return {}
+    with torch.no_grad():
+        pred = model.present(prob.to(model.asl.bias.device)).cpu()
+    return {**presence_metrics(pred, target, classes), "map": mean_average_precision(prob, target, classes)}
+
+
+def score_scenes(model: MultiLabelModel, cfg: ExperimentConfig, teacher: Teacher, x_id: SceneSource,
+                 x_ood: SceneSource, id_names: Sequence[str], ood_names: Sequence[str],
+                 descriptions: dict[str, str] | None = None) -> dict[str, Any]:
+    """The three columns of Table 12 (and mAP) for ``model`` as it is now (its train/eval mode is restored)."""
+    was_training = model.training
+    model.eval()
+    size, crop, bs = cfg.student.image_size, cfg.data.eval_crop, cfg.optim.eval_batch_size
+    names = [*id_names, *ood_names]
+    out: dict[str, Any] = {}
+    with torch.no_grad():
+        prob, index = scene_probabilities(model, x_id, head_text(model, cfg, teacher, id_names, descriptions),
+                                          size, crop, bs)
+        target = multi_hot([x_id.records[i].objects for i in index.tolist()], id_names)
+        out["x_id"] = column_metrics(model, prob, target, range(len(id_names)))
+        prob, index = scene_probabilities(model, x_ood, head_text(model, cfg, teacher, names, descriptions),
+                                          size, crop, bs)
+        target = multi_hot([x_ood.records[i].objects for i in index.tolist()], names)
+        out["y_id_on_ood"] = column_metrics(model, prob, target, range(len(id_names)))
+        out["y_ood_on_ood"] = column_metrics(model, prob, target, range(len(id_names), len(names)))
+    model.train(was_training)
+    return out

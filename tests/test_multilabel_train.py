@@ -1,0 +1,172 @@
+"""A multi-label run end to end on built PickClutter-layout h5 files: config refusals, the loss term, training,
+evaluation columns, and a resume that ends bit-identical to an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import vlmdistill
+from vlmdistill.cli import app
+from vlmdistill.config import ConfigError, ExperimentConfig, load_config
+from vlmdistill.data.multilabel_set import MultiLabelSet, open_multilabel, prepare_multilabel
+from vlmdistill.demo.clutter import ClutterParams, clutter_classes, generate_clutter
+from vlmdistill.io import read_json
+from vlmdistill.losses import LossInputs, Objective
+from vlmdistill.mlapi import MultiLabelDistilled, export_multilabel
+from vlmdistill.mlfewshot import run_multilabel_fewshot
+from vlmdistill.multilabel.loss import AsymmetricLoss
+from vlmdistill.report import comparison_rows
+from vlmdistill.runfolder import RunFolder
+from vlmdistill.train import distill
+
+PARAMS = ClutterParams(image_size=32, seed=0)
+
+
+@pytest.fixture(scope="module")
+def clutter_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("clutter")
+    files = generate_clutter(root / "h5", PARAMS, {"train": 16, "val_on_train": 6, "val": 8})
+    ids = [c.name for c in clutter_classes(PARAMS) if c.is_id]
+    prepare_multilabel(root / "ds", h5=[(split, path) for split, path in files.items()], id_objects=ids)
+    return root / "ds"
+
+
+@pytest.fixture
+def ml_overrides(base_overrides: list[str], clutter_dir: Path) -> list[str]:
+    keep = [o for o in base_overrides if not o.startswith(("data.dir=", "data.base_size=", "optim.batch_size="))]
+    return [*keep, f"data.dir={clutter_dir}", "data.base_size=32", "optim.batch_size=6", "optim.eval_batch_size=8",
+            "loss.cls.weight=0", "loss.asl.weight=1", "text.n_ctx=4", "train.analysis=false",
+            "student.model_kwargs={channels: [8, 16, 32, 64], stem_width: 8}", "train.eval_every=2",
+            "train.average_last=1"]
+
+
+def test_single_label_terms_refused_beside_asl(ml_overrides: list[str]) -> None:
+    with pytest.raises(ConfigError, match=r"loss.vlalign needs labels, texts of single-label data.*vlalign.weight=0"):
+        load_config(None, [*ml_overrides, "loss.vlalign.weight=1"])
+    with pytest.raises(ConfigError, match=r"loss.cls needs labels, texts"):
+        load_config(None, [o for o in ml_overrides if o != "loss.cls.weight=0"])
+
+
+def test_asl_on_single_label_data_is_refused(base_overrides: list[str]) -> None:
+    cfg = load_config(None, [*base_overrides, "loss.cls.weight=0", "loss.asl.weight=1"])
+    with pytest.raises(ConfigError, match=r"single-label dataset: set loss\.asl\.weight=0"):
+        distill(cfg)
+
+
+def test_asl_term_is_the_asymmetric_loss(ml_overrides: list[str]) -> None:
+    cfg = load_config(None, [*ml_overrides, "loss.imcst.weight=1"])
+    objective = Objective(cfg.loss)
+    assert set(objective.terms) == {"asl", "imcst"} and objective.needs == {"multi_hot", "teacher"}
+    g = torch.Generator().manual_seed(0)
+    p, y = torch.rand(4, 5, generator=g), (torch.rand(4, 5, generator=g) > 0.5).float()
+    s, t = torch.nn.functional.normalize(torch.randn(4, 8, generator=g), dim=-1), torch.eye(4, 8)
+    total, named = objective(LossInputs(s=s, y=y, t=t, p=p))
+    assert named["asl"].item() == pytest.approx(AsymmetricLoss()(p, y).item())
+    assert total.item() == pytest.approx(named["asl"].item() + named["imcst"].item())
+
+
+def test_data_without_asl_is_refused(ml_overrides: list[str]) -> None:
+    cfg = load_config(None, [*[o for o in ml_overrides if o not in ("loss.asl.weight=1", "loss.cls.weight=0")],
+                             "loss.mse.weight=1", "loss.cls.weight=0", "name=noasl"])
+    with pytest.raises(ConfigError, match=r"holds multi-label scenes: set loss\.asl\.weight"):
+        distill(cfg)
+
+
+def test_run_trains_evaluates_and_resumes_bit_identically(ml_overrides: list[str], clutter_dir: Path) -> None:
+    common = [*ml_overrides, "loss.imcst.weight=1", "optim.epochs=2"]
+    full = load_config(None, [*common, "name=full"])
+    res = distill(full)
+    ds = open_multilabel(clutter_dir)
+    steps = res["train"]["steps"]
+    assert res["complete"] and steps == 2 * 3 and res["train"]["targets"] == "store"
+    for column in ("x_id", "y_id_on_ood", "y_ood_on_ood"):
+        assert set(res["metrics"][column]) == {"accuracy", "precision", "recall", "f1", "map"}
+        assert 0 <= res["metrics"][column]["accuracy"] <= 100
+    weights = RunFolder(full.run_dir).student().weights
+    assert weights["student.net.conv1.0.weight"].shape[1] == 8  # base + hand RGB-D
+    assert {"asl.bias", "head.positive.ctx", "head.negative.ctx", "head.project.weight"} <= weights.keys()
+    assert len(ds.id_objects) == 14 and len(ds.ood_objects) > 0
+    stopped = load_config(None, [*common, "name=resumed", f"train.max_steps={steps // 2 + 1}"])
+    assert distill(stopped)["complete"] is False
+    resumed = distill(load_config(None, [*common, "name=resumed"]), resume=True)
+    assert resumed["complete"] and resumed["train"]["steps"] == steps
+    again = RunFolder(resumed["run_dir"]).student().weights
+    assert weights.keys() == again.keys()
+    for k in weights:
+        assert torch.equal(weights[k], again[k]), k
+    assert resumed["metrics"] == res["metrics"]
+    _check_fewshot(full, ds)
+    _check_load_export_predict(full, clutter_dir.parent / "h5" / "val.h5", clutter_dir.parent / "model")
+
+
+def _check_load_export_predict(full: ExperimentConfig, val_h5: Path, out: Path) -> None:
+    """load() of the run and of its model folder agree; model.onnx agrees with PyTorch; predict lists scenes."""
+    import onnxruntime as ort
+
+    run_model = vlmdistill.load(full.run_dir)
+    assert isinstance(run_model, MultiLabelDistilled)
+    names = ["red hollow circle", "a thing never seen"]
+    labels, pixels = run_model.scene_pixels([val_h5])
+    assert len(labels) == 8 and pixels.shape == (8, 8, 32, 32) and labels[0].endswith("val.h5#scene_00000")
+    detected = run_model.detect([val_h5], names)
+    prob = run_model.probabilities(pixels, names)
+    first = {d.name: d for d in detected[0][1]}
+    assert first[names[1]].probability == pytest.approx(float(prob[0, 1]))
+    assert first[names[0]].present == bool(run_model.model.present(prob)[0, 0])
+    manifest = export_multilabel(full.run_dir, out)
+    assert manifest["onnx"]["parity_max_abs_diff"] <= 1e-4 and manifest["names"] == run_model.names
+    folder_model = vlmdistill.load(out)
+    assert torch.allclose(folder_model.probabilities(pixels, names), prob, atol=1e-5)
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    onnx_prob = torch.from_numpy(session.run(["probability"], {"pixels": pixels.numpy()})[0])
+    assert torch.allclose(onnx_prob, run_model.probabilities(pixels), atol=1e-4)
+    res = CliRunner().invoke(app, ["predict", str(out), str(val_h5), "--classes", ",".join(names)])
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 8 and set(rows[0]["probabilities"]) == set(names)
+    assert rows[0]["probabilities"][names[1]] == round(first[names[1]].probability, 4)
+
+
+def _check_fewshot(full: ExperimentConfig, ds: MultiLabelSet) -> None:
+    """K OOD scenes join training (targets over every name); the rest are scored; compare shows the columns."""
+    cfg = full.model_copy(update={"multilabel": full.multilabel.model_copy(update={"fewshot_scenes": 3,
+                                                                                    "fewshot_batch_size": 6}),
+                                  "fewshot": full.fewshot.model_copy(update={"epochs": 1})})
+    out = run_multilabel_fewshot(cfg, full.run_dir)
+    ft = read_json(full.run_dir / "fewshot-3scenes" / "results.json")
+    assert ft["train"]["steps"] == 6  # batches of 6: the 3 support scenes + 3 of the 16 training scenes
+    assert ft["config"]["optim"]["schedule"] == "onecycle" and ft["config"]["optim"]["batch_size"] == 6
+    assert out["finetune"]["y_ood_on_ood"] == ft["metrics_last_avg"]["y_ood_on_ood"]
+    header, rows = comparison_rows([read_json(full.run_dir / "results.json")])
+    assert {"X_id acc", "Y_ood on X_ood F1", "Y_ood on X_ood f1 few-shot"} <= set(header)
+    at = header.index("Y_ood on X_ood f1 few-shot")
+    assert rows[0][at] == out["finetune"]["y_ood_on_ood"]["f1"]
+
+
+def test_region_cosine_baseline_trains_without_prompt_learning(ml_overrides: list[str], clutter_dir: Path) -> None:
+    cfg = load_config(None, [*ml_overrides, "multilabel.head=region_cosine", "loss.mse.weight=1", "optim.epochs=1",
+                             "train.eval_every=1", "name=region"])
+    res = distill(cfg)
+    assert res["complete"] and set(res["metrics"]) == {"x_id", "y_id_on_ood", "y_ood_on_ood"}
+    weights = RunFolder(cfg.run_dir).student().weights
+    assert "head.bias" in weights and weights["head.text"].shape == (14, 32)
+    assert not any("ctx" in k for k in weights)
+    model = vlmdistill.load(cfg.run_dir)
+    _, pixels = model.scene_pixels([clutter_dir.parent / "h5" / "val.h5"])
+    ids = list(open_multilabel(clutter_dir).id_objects)
+    # the stored text is the teacher's prompts of the ID names: scoring those names again gives the same P
+    assert torch.allclose(model.probabilities(pixels, ids), model.model(pixels)[1], atol=1e-5)
+
+
+def test_a_column_without_scenes_is_empty_not_an_error() -> None:
+    from vlmdistill.mlevaluate import column_metrics
+    from vlmdistill.results import average_metrics
+
+    assert column_metrics(None, torch.zeros(0, 0), torch.zeros(0, 3), range(3)) == {}  # type: ignore[arg-type]
+    assert average_metrics([{"x_id": {}, "y_ood_on_ood": {"f1": 10.0}}, {"x_id": {}, "y_ood_on_ood": {"f1": 20.0}}]) \
+        == {"y_ood_on_ood": {"f1": 15.0}}
