@@ -204,6 +204,7 @@ class TrainConfig(_Strict):
     analysis_max_images: Count | None = 2000
     teacher_view: Literal["same", "whole"] = "same"
     target_views: NonNegativeInt = 10
+    ema_decay: Annotated[Real, Field(gt=0, lt=1)] | None = None  # evaluate/save/export a weight average (ema.py)
     sync_batchnorm: bool = True  # under DDP: BatchNorm over the global batch (as one process), not each rank's
 
 

@@ -36,6 +36,7 @@ from vlmdistill.data.captions import captions_for, read_captions
 from vlmdistill.data.source import Batch, ImageSource
 from vlmdistill.data.views import randaugment, render
 from vlmdistill.device import resolve_device
+from vlmdistill.ema import StudentEMA
 from vlmdistill.losses import LossInputs, Objective
 from vlmdistill.runfolder import ModelMeta, SavedStudent
 from vlmdistill.students import Student, create_student
@@ -58,6 +59,11 @@ class StepBatch:
     n_pool: int = 0
     counts: list[int] | None = None
     pool_counts: list[int] | None = None
+
+    @property
+    def global_rows(self) -> int:
+        """Rows the student runs on in this step, over every rank: the compute a run reports."""
+        return len(self.pixels) if self.counts is None else sum(self.counts) + sum(self.pool_counts or [])
 
 
 @dataclass
@@ -100,6 +106,7 @@ class DistillTask(nn.Module):
         self.w_train = train_set.w.to(self.device)
         out_dim = self.n_id + len(ws.dataset.ood_space) if self.closed_set else ws.teacher.embed_dim
         self.student: Student = create_student(cfg.student, out_dim).to(self.device)
+        self.ema = StudentEMA(self.student, cfg.train.ema_decay) if cfg.train.ema_decay is not None else None
         self.id_texts, self.ood_texts = context_class_texts(cfg, ws)
         self.prompts = _prompt_learner(cfg, ws, self.id_texts, self.ood_texts, len(train_set.w)).to(self.device) \
             if cfg.text.learn_context else None
@@ -122,6 +129,8 @@ class DistillTask(nn.Module):
         """Start from a saved student (and its learned context, when both learn one), as few-shot does."""
         saved.meta.check(ModelMeta.expected(self.cfg, self.teacher_id, self.student.out_dim), saved.source)
         self.student.load_state_dict(saved.weights)
+        if self.ema is not None:
+            self.ema.restart(self.student)
         if self.prompts is not None and saved.context is not None:
             with torch.no_grad():
                 self.prompts.ctx.copy_(saved.context)
@@ -193,6 +202,11 @@ class DistillTask(nn.Module):
         object.__setattr__(self, "_ddp", nn.parallel.DistributedDataParallel(self.student, device_ids=ids))
 
     # ------------------------------------------------------------------ what evaluation and checkpoints need
+    @property
+    def eval_student(self) -> nn.Module:
+        """The student a run is scored and deployed as: the weight average with ``train.ema_decay``."""
+        return self.ema.model if self.ema is not None else self.student
+
     def trainable(self) -> list[nn.Parameter]:
         """The student's parameters, plus the prompt context when it is learned (same lr and decay, as CoOp)."""
         return [*self.student.parameters(), *([self.prompts.ctx] if self.prompts is not None else [])]
