@@ -29,16 +29,16 @@ def test_resume_equals_uninterrupted(base_overrides: list[str]) -> None:
         assert torch.equal(a[k], b[k]), k
 
 
-def test_resume_with_ema_equals_uninterrupted(base_overrides: list[str]) -> None:
-    """With a weight average: the deployed weights (what ``vlmdistill.load`` and export
+def test_resume_with_ema_and_views_equals_uninterrupted(base_overrides: list[str]) -> None:
+    """With a weight average and two views per image: the deployed weights (what ``vlmdistill.load`` and export
     read) are the average, the training weights and update count are kept beside them, and a resumed run ends
     with the same average, training weights and count of images through the student."""
     common = [*base_overrides, "loss.imcst.weight=1", "optim.epochs=2", "train.analysis=false",
-              "train.ema_decay=0.9"]
+              "train.ema_decay=0.9", "train.views_per_step=2"]
     full = load_config(None, [*common, "name=full"])
     ws = build_workspace(full)
     done = distill(full, ws)
-    assert done["train"]["student_images"] == 2 * len(ws.train)  # epochs x images, no pool
+    assert done["train"]["student_images"] == 2 * 2 * len(ws.train)  # epochs x views x images, no pool
     stopped = load_config(None, [*common, "name=resumed", f"train.max_steps={done['train']['steps'] // 2 + 1}"])
     assert distill(stopped, ws)["complete"] is False
     res = distill(load_config(None, [*common, "name=resumed"]), ws, resume=True)

@@ -204,6 +204,7 @@ class TrainConfig(_Strict):
     analysis_max_images: Count | None = 2000
     teacher_view: Literal["same", "whole"] = "same"
     target_views: NonNegativeInt = 10
+    views_per_step: Annotated[Int, Field(ge=1, le=64)] = 1  # V views of each image per step (stored ones: distinct)
     ema_decay: Annotated[Real, Field(gt=0, lt=1)] | None = None  # evaluate/save/export a weight average (ema.py)
     sync_batchnorm: bool = True  # under DDP: BatchNorm over the global batch (as one process), not each rank's
 

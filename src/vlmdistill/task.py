@@ -137,30 +137,37 @@ class DistillTask(nn.Module):
 
     # ------------------------------------------------------------------ one step
     def prepare(self, batch: Batch, g: torch.Generator) -> StepBatch:
-        """Data side: one view per image (per batch in paper mode), the teacher's targets of those views,
-        optional RandAugment, and the student's pixels on the device; then the pool images, prepared the same
-        way. They are drawn from ``g`` after the labelled images' draws, so a run without a pool is unchanged."""
+        """Data side: ``train.views_per_step`` views per image (per batch in paper mode), the teacher's targets
+        of those views, optional RandAugment, and the student's pixels on the device; then the pool images,
+        prepared the same way. They are drawn from ``g`` after the labelled images' draws, so a run without a
+        pool is unchanged. ``index`` then names the image of each labelled row (repeated per view)."""
         step = self._prepared(batch, self.targets, g)
-        n_global = sum(step.counts) if step.counts is not None else len(batch.index)
+        v = self.cfg.train.views_per_step
+        n_global = sum(step.counts) // v if step.counts is not None else len(batch.index)
         extra = self.pool.draw(n_global, g) if self.pool is not None else None
         if extra is None and distributed.active() and self.pool is not None:
             extra = Batch(batch.images[:0], batch.index[:0])  # this rank's pool share was unreadable: no rows
         if extra is None:
             return step
         pool = self._prepared(extra, self.pool.targets, g)
-        return StepBatch(torch.cat([step.pixels, pool.pixels]), batch.index,
-                         torch.cat([step.targets, pool.targets]), len(extra.index), step.counts, pool.counts)
+        return StepBatch(torch.cat([step.pixels, pool.pixels]), step.index,
+                         torch.cat([step.targets, pool.targets]), len(pool.index), step.counts, pool.counts)
 
     def _prepared(self, batch: Batch, lookup: TargetLookup, g: torch.Generator) -> StepBatch:
-        """Under DDP the ranks first share how many rows each holds, to draw for the global batch."""
+        """Under DDP the ranks first share how many images each holds, to draw for the global batch; with V
+        views per image every image becomes V consecutive rows (``counts`` are then rows)."""
+        v = self.cfg.train.views_per_step
         counts = distributed.sizes(len(batch.index)) if distributed.active() else None
         n_global, offset = (sum(counts), sum(counts[: distributed.rank()])) if counts else (len(batch.index), 0)
-        views, targets = lookup(batch.index, batch.images, g, n_global, offset)
-        images = batch.images
+        views, targets = lookup(batch.index, batch.images, g, n_global, offset, per_image=v)
+        images, index = batch.images, batch.index
+        if v > 1:
+            images, index = images.repeat_interleave(v, 0), index.repeat_interleave(v)
+            counts = [c * v for c in counts] if counts else None
         if self.cfg.data.randaugment:
-            images = randaugment(images, g, per_batch=self.cfg.data.augment_per == "batch", offset=offset)
+            images = randaugment(images, g, per_batch=self.cfg.data.augment_per == "batch", offset=offset * v)
         pixels = render(images, views, self.cfg.student.image_size).to(self.device, non_blocking=True)
-        return StepBatch(pixels, batch.index, targets, counts=counts)
+        return StepBatch(pixels, index, targets, counts=counts)
 
     def forward(self, step: StepBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Compute side: the student's embedding of the view against the teacher's, the labels and the texts."""
