@@ -6,7 +6,8 @@ wider student at equal FLOPs. Each row: ID and OOD mean per-class accuracy (mean
 change against the baseline paired by seed, the share of the teacher's OOD accuracy, and its training compute in
 images through the student (views and pool images included) and student GFLOPs.
 
-    python bench/quality_levers.py [--quick] [--seeds 3] [--world-seed 0] [key=value overrides for every row]
+    python bench/quality_levers.py [--quick] [--seeds 3] [--world-seed 0] [--rows pool4x,ema,ensemble]
+                                   [key=value overrides for every row]
 
 Writes bench/results/quality_levers.json (``_quick`` with --quick, ``_world<seed>`` on another world).
 Every figure here is read off the world's OOD split: choosing a default from it is a selection on the test
@@ -143,6 +144,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--world-seed", type=int, default=0, help="another world of the demo generator (other "
                         "classes, vocabulary and images) to validate an ordering on")
+    parser.add_argument("--rows", help="comma-separated row keys (and/or the groups ensemble, teacher2) to run, "
+                        "to split the table over machines or sessions; the baseline always runs (default: all)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/quality_levers"))
     parser.add_argument("--cache-dir", type=Path, default=Path(".cache/vlmdistill"))
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every row")
@@ -155,8 +158,12 @@ def main() -> None:
                     (*BEST_DESC, ensemble_override(first, second))),)
     alone = (Row("best_desc", "control: the seed-1 teacher alone",
                  (*BEST_DESC, f"teacher.model_config={second[0]}", f"teacher.checkpoint={second[1]}")),)
+    wanted = set(args.rows.split(",")) | {"best_desc", "main"} if args.rows else None
+    groups = [(g, tuple(r for r in rows if wanted is None or g != "main" or r.key in wanted))
+              for g, rows in (("main", lever_rows(scale)), ("ensemble", ensemble), ("teacher2", alone))
+              if wanted is None or g in wanted]
     summaries = {}
-    for group, rows in (("main", lever_rows(scale)), ("ensemble", ensemble), ("teacher2", alone)):
+    for group, rows in groups:
         out = args.out / f"world{args.world_seed}" / group
         summaries[group] = (out, run_demo(out, args.cache_dir, seeds=args.seeds, overrides=overrides,
                                           progress=False, rows=rows, scale=scale))
