@@ -1,15 +1,17 @@
 """Quality levers (issue 20): what closes the student's OOD gap to the teacher, and at what compute. On the demo
 world, over seeds, each lever alone on top of today's best row (L_cls + L_im-cst + L_vlalign + descriptions),
 then a candidate combination: pool size x ratio x epochs, label-free KD on pool rows, several views per image
-per step, a weight average (EMA), a teacher ensemble (a second demo teacher trained from another seed), and a
-wider student at equal FLOPs. Each row: ID and OOD mean per-class accuracy (mean ± std over seeds), the OOD
+per step, a weight average (EMA), a teacher ensemble (a second demo teacher trained from another seed: once with its
+own text projection, once into the first teacher's locked text space; each also alone), and a wider student at
+equal FLOPs. Each row: ID and OOD mean per-class accuracy (mean ± std over seeds), the OOD
 change against the baseline paired by seed, the share of the teacher's OOD accuracy, and its training compute in
 images through the student (views and pool images included) and student GFLOPs.
 
-    python bench/quality_levers.py [--quick] [--seeds 3] [--world-seed 0] [--rows pool4x,ema,ensemble]
+    python bench/quality_levers.py [--quick] [--seeds 3] [--world-seed 0] [--rows pool4x,ema,ensemble_aligned]
                                    [key=value overrides for every row]
 
-Writes bench/results/quality_levers.json (``_quick`` with --quick, ``_world<seed>`` on another world).
+Writes bench/results/quality_levers.json (``_quick`` with --quick, ``_world<seed>`` on another world, ``_rows-...``
+for a subset).
 Every figure here is read off the world's OOD split: choosing a default from it is a selection on the test
 split (a leak). Validate an ordering on a second world (``--world-seed 1``: other classes, vocabulary and
 images) before changing a default.
@@ -76,13 +78,34 @@ def ensemble_override(first: tuple[Path, Path], second: tuple[Path, Path]) -> st
                                      "batch_size": 512} for c, k in (first, second)])
 
 
-def second_teacher(cache: Path, scale: DemoScale, progress: bool) -> tuple[tuple[Path, Path], tuple[Path, Path]]:
-    """The demo teacher (seed 0) and a second one trained the same way from seed 1: (config, checkpoint) each."""
+def demo_teachers(cache: Path, scale: DemoScale, progress: bool) -> dict[str, tuple[Path, Path]]:
+    """(config, checkpoint) of the demo teacher (seed 0), of one trained the same way from seed 1 (its own text
+    projection: an image space unrelated to the first's), and of one from seed 1 trained into the first's locked
+    text space (``aligned``: the ensemble the mean of image targets is meant for)."""
     _, cfg0, ckpt0 = setup(cache, scale, progress)
-    tag, epochs = scale.world.tag, scale.teacher_epochs
-    cfg1, ckpt1 = train_teacher(world_dir(cache, scale), cache / "demo" / f"teacher-{tag}-e{epochs}-seed1",
-                                scale.world.image_size, TeacherRecipe(epochs=epochs, seed=1), progress)
-    return (cfg0, ckpt0), (cfg1, ckpt1)
+    tag, epochs, world = scale.world.tag, scale.teacher_epochs, world_dir(cache, scale)
+    recipe = TeacherRecipe(epochs=epochs, seed=1)
+    return {"first": (cfg0, ckpt0),
+            "seed1": train_teacher(world, cache / "demo" / f"teacher-{tag}-e{epochs}-seed1", scale.world.image_size,
+                                   recipe, progress),
+            "aligned": train_teacher(world, cache / "demo" / f"teacher-{tag}-e{epochs}-seed1-text0",
+                                     scale.world.image_size, recipe, progress, text_from=ckpt0)}
+
+
+def teacher_rows(teachers: dict[str, tuple[Path, Path]]) -> dict[str, tuple[Row, ...]]:
+    """Row groups that need a workspace of their own (another teacher): each ensemble and its partner alone."""
+    def alone(label: str, t: tuple[Path, Path]) -> tuple[Row, ...]:
+        return (Row("best_desc", label, (*BEST_DESC, f"teacher.model_config={t[0]}", f"teacher.checkpoint={t[1]}")),)
+
+    first, seed1, aligned = teachers["first"], teachers["seed1"], teachers["aligned"]
+    return {
+        "ensemble": (Row("best_desc", "teacher ensemble: demo teacher + seed-1 teacher (unaligned spaces)",
+                         (*BEST_DESC, ensemble_override(first, seed1))),),
+        "teacher2": alone("control: the seed-1 teacher alone", seed1),
+        "ensemble_aligned": (Row("best_desc", "teacher ensemble: demo teacher + seed-1 teacher in its text space",
+                                 (*BEST_DESC, ensemble_override(first, aligned))),),
+        "teacher2_aligned": alone("control: the aligned seed-1 teacher alone", aligned),
+    }
 
 
 def _run_figures(out: Path, seeds: int, key: str) -> dict[str, Any]:
@@ -153,15 +176,10 @@ def main() -> None:
     scale = DemoScale.quick() if args.quick else DemoScale.full()
     scale = dataclasses.replace(scale, world=dataclasses.replace(scale.world, seed=args.world_seed))
     overrides = ["train.analysis=false", *args.overrides]
-    first, second = second_teacher(args.cache_dir, scale, progress=False)
-    ensemble = (Row("best_desc", "teacher ensemble (demo teacher + one from seed 1)",
-                    (*BEST_DESC, ensemble_override(first, second))),)
-    alone = (Row("best_desc", "control: the seed-1 teacher alone",
-                 (*BEST_DESC, f"teacher.model_config={second[0]}", f"teacher.checkpoint={second[1]}")),)
     wanted = set(args.rows.split(",")) | {"best_desc", "main"} if args.rows else None
+    all_groups = {"main": lever_rows(scale), **teacher_rows(demo_teachers(args.cache_dir, scale, progress=False))}
     groups = [(g, tuple(r for r in rows if wanted is None or g != "main" or r.key in wanted))
-              for g, rows in (("main", lever_rows(scale)), ("ensemble", ensemble), ("teacher2", alone))
-              if wanted is None or g in wanted]
+              for g, rows in all_groups.items() if wanted is None or g in wanted]
     summaries = {}
     for group, rows in groups:
         out = args.out / f"world{args.world_seed}" / group
@@ -171,7 +189,8 @@ def main() -> None:
     rows = figures(summaries, args.seeds, base)
     teachers = {f"teacher ({group})": s["rows"]["teacher"]["metrics"] for group, (_, s) in summaries.items()}
     print_table(rows, teachers)
-    suffix = ("_quick" if args.quick else "") + (f"_world{args.world_seed}" if args.world_seed else "")
+    suffix = ("_quick" if args.quick else "") + (f"_world{args.world_seed}" if args.world_seed else "") \
+        + ("_rows-" + "-".join(sorted(set(args.rows.split(",")))) if args.rows else "")
     atomic_write_json(RESULTS / f"quality_levers{suffix}.json", {
         "quick": args.quick, "seeds": args.seeds, "world_seed": args.world_seed, "overrides": args.overrides,
         "teachers": {k: {m: v[m] for m in ("id", "ood")} for k, v in teachers.items()}, "rows": rows,
