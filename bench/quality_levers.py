@@ -92,13 +92,16 @@ def demo_teachers(cache: Path, scale: DemoScale, progress: bool) -> dict[str, tu
                                      scale.world.image_size, recipe, progress, text_from=ckpt0)}
 
 
+TEACHER_GROUPS = ("ensemble", "teacher2", "ensemble_aligned", "teacher2_aligned")
+
+
 def teacher_rows(teachers: dict[str, tuple[Path, Path]]) -> dict[str, tuple[Row, ...]]:
     """Row groups that need a workspace of their own (another teacher): each ensemble and its partner alone."""
     def alone(label: str, t: tuple[Path, Path]) -> tuple[Row, ...]:
         return (Row("best_desc", label, (*BEST_DESC, f"teacher.model_config={t[0]}", f"teacher.checkpoint={t[1]}")),)
 
     first, seed1, aligned = teachers["first"], teachers["seed1"], teachers["aligned"]
-    return {
+    groups = {
         "ensemble": (Row("best_desc", "teacher ensemble: demo teacher + seed-1 teacher (unaligned spaces)",
                          (*BEST_DESC, ensemble_override(first, seed1))),),
         "teacher2": alone("control: the seed-1 teacher alone", seed1),
@@ -106,6 +109,8 @@ def teacher_rows(teachers: dict[str, tuple[Path, Path]]) -> dict[str, tuple[Row,
                                  (*BEST_DESC, ensemble_override(first, aligned))),),
         "teacher2_aligned": alone("control: the aligned seed-1 teacher alone", aligned),
     }
+    assert tuple(groups) == TEACHER_GROUPS
+    return groups
 
 
 def _run_figures(out: Path, seeds: int, key: str) -> dict[str, Any]:
@@ -177,7 +182,9 @@ def main() -> None:
     scale = dataclasses.replace(scale, world=dataclasses.replace(scale.world, seed=args.world_seed))
     overrides = ["train.analysis=false", *args.overrides]
     wanted = set(args.rows.split(",")) | {"best_desc", "main"} if args.rows else None
-    all_groups = {"main": lever_rows(scale), **teacher_rows(demo_teachers(args.cache_dir, scale, progress=False))}
+    all_groups = {"main": lever_rows(scale)}
+    if wanted is None or wanted & set(TEACHER_GROUPS):  # trains the extra teachers only when asked
+        all_groups |= teacher_rows(demo_teachers(args.cache_dir, scale, progress=False))
     groups = [(g, tuple(r for r in rows if wanted is None or g != "main" or r.key in wanted))
               for g, rows in all_groups.items() if wanted is None or g in wanted]
     summaries = {}
