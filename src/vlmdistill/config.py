@@ -246,7 +246,7 @@ class ExperimentConfig(_Strict):
     ``teacher`` may be a list, a teacher ensemble (``teachers/ensemble.py``): it is read as ``teacher`` (the
     first) plus ``extra_teachers`` (the rest). Only image targets are ensembled, as the mean of the teachers'
     unit-normalised image embeddings; classification uses teacher 1's text embeddings (class prompts, learned
-    context, export). The teachers must share ``embed_dim`` (checked when they load)."""
+    context, export). The teachers must share ``embed_dim`` and input size (checked when they load)."""
 
     name: str = "run"
     seed: NonNegativeInt = 0
