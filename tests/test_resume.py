@@ -34,7 +34,7 @@ def test_resume_with_ema_and_views_equals_uninterrupted(base_overrides: list[str
     read) are the average, the training weights and update count are kept beside them, and a resumed run ends
     with the same average, training weights and count of images through the student."""
     common = [*base_overrides, "loss.imcst.weight=1", "optim.epochs=2", "train.analysis=false",
-              "train.ema_decay=0.9", "train.views_per_step=2"]
+              "train.ema_decay=0.9", "train.views_per_step=2", "train.average_last=1"]
     full = load_config(None, [*common, "name=full"])
     ws = build_workspace(full)
     done = distill(full, ws)
