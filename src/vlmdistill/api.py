@@ -239,6 +239,7 @@ class _TeacherText:
 
 def _load_teacher(m: DistilledModel) -> Any:
     from vlmdistill.teachers import load_teacher
+    from vlmdistill.teachers.ensemble import text_teacher_id
 
     where = m.source / "config.yaml"
     stored = f"only the {len(m.class_names)} classes stored in {m.source} can be scored (give no class names)"
@@ -249,7 +250,7 @@ def _load_teacher(m: DistilledModel) -> Any:
             f"new class names need the teacher's text tower, and the teacher of {where} cannot be loaded: {err}. "
             f"Without it {stored}; `vlmdistill export` puts the text tower into the model folder"
         ) from err
-    if m.teacher_id and teacher.id != m.teacher_id:
+    if m.teacher_id and teacher.id != text_teacher_id(m.teacher_id):
         raise TextTowerError(
             f"the teacher of {where} loads as {teacher.id}, but the student was trained against {m.teacher_id}: "
             f"its weights or preprocessing changed. Point teacher.* in {where} at the original weights; "

@@ -1,12 +1,14 @@
 """Checkpoints without pickle, each one atomic unit that is verified on load.
 
 A checkpoint is one folder, ``<run>/checkpoints/step-<N>/``, holding ``weights.safetensors`` (the student
-alone: what deployment needs), ``state.safetensors`` + ``state.json`` (optimiser, scheduler, RNG, loop
-position: enough for a resumed run to continue exactly as if it had never stopped), the learned prompt
-context ``prompt.safetensors`` when there is one, and ``manifest.json`` with the sha256 of each. The
-folder is built aside and renamed into place whole (``io.replace_dir``), then ``latest.json`` is repointed
-at it; the previous checkpoint is kept, so a kill at any moment leaves the old unit or the new one, and
-a damaged newest unit is refused by its digests while resume falls back to the previous one.
+alone: what deployment needs; with ``train.ema_decay`` its weight average, the training weights then in
+``training.safetensors`` with the number of average updates), ``state.safetensors`` + ``state.json``
+(optimiser, scheduler, RNG, loop position: enough for a resumed run to continue exactly as if it had never
+stopped), the learned prompt context ``prompt.safetensors`` when there is one, and ``manifest.json`` with
+the sha256 of each. The folder is built aside and renamed into place whole (``io.replace_dir``), then
+``latest.json`` is repointed at it; the previous checkpoint is kept, so a kill at any moment leaves the old
+unit or the new one, and a damaged newest unit is refused by its digests while resume falls back to the
+previous one.
 
 This module is the format of one unit; ``runfolder.RunFolder`` is what jobs read a run through.
 """
@@ -23,6 +25,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from vlmdistill.ema import StudentEMA
 from vlmdistill.errors import VlmdistillError
 from vlmdistill.io import (
     atomic_save_tensors,
@@ -37,8 +40,9 @@ from vlmdistill.io import (
 log = logging.getLogger(__name__)
 
 FORMAT = "vlmdistill-checkpoint/1"
-WEIGHTS, STATE_T, STATE_J, PROMPT, MANIFEST = (
-    "weights.safetensors", "state.safetensors", "state.json", "prompt.safetensors", "manifest.json")
+WEIGHTS, STATE_T, STATE_J, PROMPT, MANIFEST, TRAINING = (
+    "weights.safetensors", "state.safetensors", "state.json", "prompt.safetensors", "manifest.json",
+    "training.safetensors")
 LATEST = "latest.json"
 
 
@@ -53,6 +57,7 @@ class LoopState:
 
     step: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+    student_images: int = 0  # images (views, pool images included) through the student in training steps
 
 
 def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -236,14 +241,18 @@ def save_checkpoint(
     loop: LoopState,
     model_meta: dict[str, str],
     prompt_ctx: torch.Tensor | None = None,
+    ema: StudentEMA | None = None,
 ) -> Path:
-    """One unit, built aside and renamed into place, then named current; returns its folder."""
+    """One unit, built aside and renamed into place, then named current; returns its folder. With ``ema`` the
+    deployed weights are the average, and the training weights are kept beside them for resuming."""
     root = _root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     tensors, optim_meta = _flatten_optimizer(optimizer.state_dict())
     tensors["rng.torch"] = torch.get_rng_state()
     files: dict[str, tuple[dict[str, torch.Tensor], dict[str, str] | None]] = {
-        WEIGHTS: (model.state_dict(), model_meta), STATE_T: (tensors, None)}
+        WEIGHTS: ((ema.model if ema is not None else model).state_dict(), model_meta), STATE_T: (tensors, None)}
+    if ema is not None:
+        files[TRAINING] = (model.state_dict(), {"ema_updates": str(ema.updates)})
     if prompt_ctx is not None:
         files[PROMPT] = ({"ctx": prompt_ctx}, None)
     state = {"loop": asdict(loop), "optimizer": optim_meta, "scheduler": _scheduler_position(scheduler),
@@ -268,17 +277,19 @@ def clear_checkpoints(run_dir: Path) -> None:
 
 # ---- resuming --------------------------------------------------------------------------------------------
 
-def _load_unit(unit: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any
+def _load_unit(unit: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any, ema: StudentEMA | None = None
                ) -> tuple[LoopState, torch.Tensor | None]:
     """Verify every file of one unit, then load it; nothing is applied unless all of it reads."""
     for path in (unit / STATE_T, unit / STATE_J):
         verify_file(path)
     sd, _, ctx = read_model(unit)
+    training = read_tensor_file(unit / TRAINING) if (unit / TRAINING).is_file() else None
     tensors = _read(unit / STATE_T, load_tensors)
     meta = _read(unit / STATE_J, read_json)
     try:
-        loop = LoopState(step=int(meta["loop"]["step"]), history=list(meta["loop"]["history"]))
-        model.load_state_dict(sd)
+        loop = LoopState(step=int(meta["loop"]["step"]), history=list(meta["loop"]["history"]),
+                         student_images=int(meta["loop"].get("student_images", 0)))
+        _load_weights(model, ema, sd, training)
         optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
         positions = dict(meta["scheduler"])
         rng = tensors["rng.torch"]
@@ -291,13 +302,27 @@ def _load_unit(unit: Path, model: torch.nn.Module, optimizer: Any, scheduler: An
     return loop, ctx
 
 
+def _load_weights(model: torch.nn.Module, ema: StudentEMA | None, deployed: dict[str, torch.Tensor],
+                  training: tuple[dict[str, torch.Tensor], dict[str, str]] | None) -> None:
+    """The training weights into ``model`` (``training.safetensors`` when the unit has an average, else the
+    deployed weights) and the average into ``ema``; an average that the unit lacks starts afresh."""
+    model.load_state_dict(training[0] if training is not None else deployed)
+    if ema is None:
+        return
+    if training is None:
+        ema.restart(model)
+        return
+    ema.model.load_state_dict(deployed)
+    ema.updates = int(training[1]["ema_updates"])
+
+
 def load_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                    prompt_ctx: torch.Tensor | None = None) -> LoopState:
+                    prompt_ctx: torch.Tensor | None = None, ema: StudentEMA | None = None) -> LoopState:
     """Restore the newest checkpoint that verifies; a damaged newest one falls back to the one before."""
     errors = []
     for unit in checkpoint_units(run_dir):
         try:
-            loop, ctx = _load_unit(unit, model, optimizer, scheduler)
+            loop, ctx = _load_unit(unit, model, optimizer, scheduler, ema)
         except CheckpointError as err:
             errors.append(str(err))
             log.warning("%s; trying the previous checkpoint", err)

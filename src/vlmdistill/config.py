@@ -223,6 +223,8 @@ class TrainConfig(_Strict):
     analysis_max_images: Count | None = 2000
     teacher_view: Literal["same", "whole"] = "same"
     target_views: NonNegativeInt = 10
+    views_per_step: Annotated[Int, Field(ge=1, le=64)] = 1  # V views of each image per step (stored ones: distinct)
+    ema_decay: Annotated[Real, Field(gt=0, lt=1)] | None = None  # evaluate/save/export a weight average (ema.py)
     sync_batchnorm: bool = True  # under DDP: BatchNorm over the global batch (as one process), not each rank's
 
 
@@ -269,7 +271,12 @@ PAPER_MODE: dict[str, dict[str, Any]] = {
 
 class ExperimentConfig(_Strict):
     """One experiment. ``mode: paper`` sets every switch in ``PAPER_MODE`` to the official code's behaviour
-    (configs/paper/README.md lists each one, and what still differs)."""
+    (configs/paper/README.md lists each one, and what still differs).
+
+    ``teacher`` may be a list, a teacher ensemble (``teachers/ensemble.py``): it is read as ``teacher`` (the
+    first) plus ``extra_teachers`` (the rest). Only image targets are ensembled, as the mean of the teachers'
+    unit-normalised image embeddings; classification uses teacher 1's text embeddings (class prompts, learned
+    context, export). The teachers must share ``embed_dim`` and input size (checked when they load)."""
 
     name: str = "run"
     seed: NonNegativeInt = 0
@@ -278,6 +285,7 @@ class ExperimentConfig(_Strict):
     output_dir: Path = Path("runs")
     cache_dir: Path = Path(".cache/vlmdistill")
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    extra_teachers: tuple[TeacherConfig, ...] = ()
     student: StudentConfig = Field(default_factory=StudentConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     text: TextConfig = Field(default_factory=TextConfig)
@@ -298,6 +306,24 @@ class ExperimentConfig(_Strict):
                     for key, value in values.items():
                         given.setdefault(key, value)
         return raw
+
+    @model_validator(mode="before")
+    @classmethod
+    def _teacher_list(cls, raw: Any) -> Any:
+        """``teacher: [a, b, ...]`` is teacher ``a`` with ``extra_teachers: [b, ...]``."""
+        if isinstance(raw, dict) and isinstance(raw.get("teacher"), list):
+            if not raw["teacher"]:
+                raise ValueError("teacher: an empty list names no teacher; give one teacher or a list of them")
+            if raw.get("extra_teachers"):
+                raise ValueError("give the teachers as one list in teacher:, or teacher: and extra_teachers:, "
+                                 "not both")
+            raw = {**raw, "teacher": raw["teacher"][0], "extra_teachers": raw["teacher"][1:]}
+        return raw
+
+    @property
+    def teachers(self) -> list[TeacherConfig]:
+        """Every teacher: the one whose text space the student classifies in first."""
+        return [self.teacher, *self.extra_teachers]
 
     @model_validator(mode="after")
     def _check(self) -> ExperimentConfig:

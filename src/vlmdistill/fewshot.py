@@ -132,7 +132,7 @@ def run_continual(cfg: ExperimentConfig, ws: Workspace, from_run: Path) -> dict[
         "halves": [[names[c] for c in sorted(h)] for h in halves],
         "support_images": len(support),
         "before": before,
-        "after": _per_half(after.cfg, after.student, after.class_embeddings(), eval_set, halves),
+        "after": _per_half(after.cfg, after.eval_student, after.class_embeddings(), eval_set, halves),
     }
 
 

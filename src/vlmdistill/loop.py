@@ -128,6 +128,8 @@ def train_step(task: DistillTask, optimizer: torch.optim.Optimizer, batch: StepB
     if task.cfg.optim.grad_clip:
         torch.nn.utils.clip_grad_norm_(task.trainable(), task.cfg.optim.grad_clip)
     optimizer.step()
+    if task.ema is not None:
+        task.ema.update(task.student)
     return terms
 
 
@@ -214,7 +216,9 @@ def fit(task: DistillTask, evaluate: Evaluate, resume: bool = False) -> FitResul
                 batch = _no_rows(task.train_set.source.base_size)
             if batch is not None:
                 g = torch.Generator().manual_seed(step_seed(cfg.seed, epoch, pass_index, batch_index, 1))
-                terms = train_step(task, optimizer, task.prepare(batch, g))
+                step = task.prepare(batch, g)
+                terms = train_step(task, optimizer, step)
+                state.student_images += step.global_rows
                 log.step(state.step + 1, epoch, terms, optimizer)
                 if _logging_step(cfg, shape, state.step + 1, stop_at):
                     stop_if_diverged(state.step + 1, nonfinite_loss(terms), run_dir, state)
@@ -251,7 +255,9 @@ def _logging_step(cfg: ExperimentConfig, shape: LoopShape, step: int, last: int)
 def _check_weights(task: DistillTask, state: LoopState) -> None:
     """Stop before broken weights are evaluated or saved (``integrity``)."""
     ctx = task.prompts.ctx if task.prompts is not None else None
-    stop_if_diverged(state.step, nonfinite_weight({"": task.student, "prompt context": ctx}), task.cfg.run_dir, state)
+    average = task.ema.model if task.ema is not None else None
+    stop_if_diverged(state.step, nonfinite_weight({"": task.student, "prompt context": ctx, "weight average": average}),
+                     task.cfg.run_dir, state)
 
 
 def _stop_asked(stop: StopSignals) -> bool:
@@ -291,10 +297,11 @@ def save(task: DistillTask, optimizer: Any, scheduler: Any, state: LoopState) ->
     run_dir = task.cfg.run_dir
     with out_of_space(f"checkpoint step {state.step}", run_dir / "checkpoints",
                       lambda: f"{intact_checkpoint(run_dir)}; free space there"):
-        save_checkpoint(run_dir, task.student, optimizer, scheduler, state, task.model_meta().to_strings(), ctx)
+        save_checkpoint(run_dir, task.student, optimizer, scheduler, state, task.model_meta().to_strings(), ctx,
+                        task.ema)
 
 
 def restore(task: DistillTask, optimizer: Any, scheduler: Any) -> LoopState:
     """The newest checkpoint that verifies (with its own prompt context), falling back to the one before."""
     ctx = task.prompts.ctx if task.prompts is not None else None
-    return RunFolder(task.cfg.run_dir).resume(task.student, optimizer, scheduler, ctx)
+    return RunFolder(task.cfg.run_dir).resume(task.student, optimizer, scheduler, ctx, task.ema)

@@ -24,6 +24,7 @@ from vlmdistill.checkpoint import (
     read_tensor_file,
 )
 from vlmdistill.config import ExperimentConfig, StudentConfig, load_config
+from vlmdistill.ema import StudentEMA
 from vlmdistill.errors import RunError
 from vlmdistill.io import read_json
 from vlmdistill.students import Student, create_student
@@ -176,6 +177,7 @@ class RunFolder:
         return saved
 
     def resume(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-               prompt_ctx: torch.Tensor | None = None) -> LoopState:
-        """Training state of the newest checkpoint that verifies (falling back to the one before)."""
-        return load_checkpoint(self.path, model, optimizer, scheduler, prompt_ctx)
+               prompt_ctx: torch.Tensor | None = None, ema: StudentEMA | None = None) -> LoopState:
+        """Training state of the newest checkpoint that verifies (falling back to the one before), with the
+        weight average when ``ema`` is given."""
+        return load_checkpoint(self.path, model, optimizer, scheduler, prompt_ctx, ema)

@@ -36,6 +36,7 @@ from vlmdistill.data.captions import captions_for, read_captions
 from vlmdistill.data.source import Batch, ImageSource
 from vlmdistill.data.views import randaugment, render
 from vlmdistill.device import resolve_device
+from vlmdistill.ema import StudentEMA
 from vlmdistill.losses import LossInputs, Objective
 from vlmdistill.runfolder import ModelMeta, SavedStudent
 from vlmdistill.students import Student, create_student
@@ -58,6 +59,11 @@ class StepBatch:
     n_pool: int = 0
     counts: list[int] | None = None
     pool_counts: list[int] | None = None
+
+    @property
+    def global_rows(self) -> int:
+        """Rows the student runs on in this step, over every rank: the compute a run reports."""
+        return len(self.pixels) if self.counts is None else sum(self.counts) + sum(self.pool_counts or [])
 
 
 @dataclass
@@ -100,6 +106,7 @@ class DistillTask(nn.Module):
         self.w_train = train_set.w.to(self.device)
         out_dim = self.n_id + len(ws.dataset.ood_space) if self.closed_set else ws.teacher.embed_dim
         self.student: Student = create_student(cfg.student, out_dim).to(self.device)
+        self.ema = StudentEMA(self.student, cfg.train.ema_decay) if cfg.train.ema_decay is not None else None
         self.id_texts, self.ood_texts = context_class_texts(cfg, ws)
         self.prompts = _prompt_learner(cfg, ws, self.id_texts, self.ood_texts, len(train_set.w)).to(self.device) \
             if cfg.text.learn_context else None
@@ -122,36 +129,45 @@ class DistillTask(nn.Module):
         """Start from a saved student (and its learned context, when both learn one), as few-shot does."""
         saved.meta.check(ModelMeta.expected(self.cfg, self.teacher_id, self.student.out_dim), saved.source)
         self.student.load_state_dict(saved.weights)
+        if self.ema is not None:
+            self.ema.restart(self.student)
         if self.prompts is not None and saved.context is not None:
             with torch.no_grad():
                 self.prompts.ctx.copy_(saved.context)
 
     # ------------------------------------------------------------------ one step
     def prepare(self, batch: Batch, g: torch.Generator) -> StepBatch:
-        """Data side: one view per image (per batch in paper mode), the teacher's targets of those views,
-        optional RandAugment, and the student's pixels on the device; then the pool images, prepared the same
-        way. They are drawn from ``g`` after the labelled images' draws, so a run without a pool is unchanged."""
+        """Data side: ``train.views_per_step`` views per image (per batch in paper mode), the teacher's targets
+        of those views, optional RandAugment, and the student's pixels on the device; then the pool images,
+        prepared the same way. They are drawn from ``g`` after the labelled images' draws, so a run without a
+        pool is unchanged. ``index`` then names the image of each labelled row (repeated per view)."""
         step = self._prepared(batch, self.targets, g)
-        n_global = sum(step.counts) if step.counts is not None else len(batch.index)
+        v = self.cfg.train.views_per_step
+        n_global = sum(step.counts) // v if step.counts is not None else len(batch.index)
         extra = self.pool.draw(n_global, g) if self.pool is not None else None
         if extra is None and distributed.active() and self.pool is not None:
             extra = Batch(batch.images[:0], batch.index[:0])  # this rank's pool share was unreadable: no rows
         if extra is None:
             return step
         pool = self._prepared(extra, self.pool.targets, g)
-        return StepBatch(torch.cat([step.pixels, pool.pixels]), batch.index,
-                         torch.cat([step.targets, pool.targets]), len(extra.index), step.counts, pool.counts)
+        return StepBatch(torch.cat([step.pixels, pool.pixels]), step.index,
+                         torch.cat([step.targets, pool.targets]), len(pool.index), step.counts, pool.counts)
 
     def _prepared(self, batch: Batch, lookup: TargetLookup, g: torch.Generator) -> StepBatch:
-        """Under DDP the ranks first share how many rows each holds, to draw for the global batch."""
+        """Under DDP the ranks first share how many images each holds, to draw for the global batch; with V
+        views per image every image becomes V consecutive rows (``counts`` are then rows)."""
+        v = self.cfg.train.views_per_step
         counts = distributed.sizes(len(batch.index)) if distributed.active() else None
         n_global, offset = (sum(counts), sum(counts[: distributed.rank()])) if counts else (len(batch.index), 0)
-        views, targets = lookup(batch.index, batch.images, g, n_global, offset)
-        images = batch.images
+        views, targets = lookup(batch.index, batch.images, g, n_global, offset, per_image=v)
+        images, index = batch.images, batch.index
+        if v > 1:
+            images, index = images.repeat_interleave(v, 0), index.repeat_interleave(v)
+            counts = [c * v for c in counts] if counts else None
         if self.cfg.data.randaugment:
-            images = randaugment(images, g, per_batch=self.cfg.data.augment_per == "batch", offset=offset)
+            images = randaugment(images, g, per_batch=self.cfg.data.augment_per == "batch", offset=offset * v)
         pixels = render(images, views, self.cfg.student.image_size).to(self.device, non_blocking=True)
-        return StepBatch(pixels, batch.index, targets, counts=counts)
+        return StepBatch(pixels, index, targets, counts=counts)
 
     def forward(self, step: StepBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Compute side: the student's embedding of the view against the teacher's, the labels and the texts."""
@@ -193,6 +209,11 @@ class DistillTask(nn.Module):
         object.__setattr__(self, "_ddp", nn.parallel.DistributedDataParallel(self.student, device_ids=ids))
 
     # ------------------------------------------------------------------ what evaluation and checkpoints need
+    @property
+    def eval_student(self) -> nn.Module:
+        """The student a run is scored and deployed as: the weight average with ``train.ema_decay``."""
+        return self.ema.model if self.ema is not None else self.student
+
     def trainable(self) -> list[nn.Parameter]:
         """The student's parameters, plus the prompt context when it is learned (same lr and decay, as CoOp)."""
         return [*self.student.parameters(), *([self.prompts.ctx] if self.prompts is not None else [])]

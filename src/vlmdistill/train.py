@@ -44,7 +44,7 @@ def train_task(task: DistillTask, ws: Workspace, eval_set: EvalSet, resume: bool
     _begin(cfg, resume)
 
     def evaluate() -> dict[str, Any]:
-        return score_student(task.student, cfg, eval_set, task.class_embeddings(), task.n_id, ood_trained)
+        return score_student(task.eval_student, cfg, eval_set, task.class_embeddings(), task.n_id, ood_trained)
 
     result = fit(task, evaluate, resume=resume)
     return _results(task, ws, eval_set, result)
@@ -65,7 +65,7 @@ def _results(task: DistillTask, ws: Workspace, eval_set: EvalSet, fit_result: Fi
     results.data = skipped_images(ws, task.train_set.source, eval_set.id_source, eval_set.ood_source, *pool)
     results.train = {"steps": fit_result.state.step, "seconds": round(fit_result.seconds, 2),
                      "targets": task.targets.kind, "processes": distributed.world_size(),
-                     "threads": torch.get_num_threads()}
+                     "threads": torch.get_num_threads(), "student_images": fit_result.state.student_images}
     return results
 
 
@@ -138,7 +138,7 @@ def distill(cfg: ExperimentConfig, ws: Workspace | None = None, resume: bool = F
         if cfg.train.analysis and not task.closed_set:
             results.phase("analysis", False)
             _write_results(cfg.run_dir, results)
-            results.analysis = analyse(cfg, ws, task.student, task.class_embeddings())
+            results.analysis = analyse(cfg, ws, task.eval_student, task.class_embeddings())
             results.phase("analysis", True)
         _write_results(cfg.run_dir, results)
         return results.to_dict()

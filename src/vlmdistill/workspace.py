@@ -19,7 +19,8 @@ from vlmdistill.data.source import ImageSource
 from vlmdistill.data.views import Views
 from vlmdistill.device import resolve_device
 from vlmdistill.progress import console
-from vlmdistill.teachers import Teacher, load_teacher
+from vlmdistill.teachers import Teacher
+from vlmdistill.teachers.ensemble import load_teachers
 from vlmdistill.text.labels import LabelSpace
 from vlmdistill.text.prompt_learner import PromptLearner, class_prompt_texts
 from vlmdistill.text.textbank import embed_texts
@@ -53,7 +54,7 @@ def decode_device(cfg: ExperimentConfig) -> torch.device | None:
 def build_workspace(cfg: ExperimentConfig, teacher: Teacher | None = None) -> Workspace:
     d = cfg.data
     dataset = open_dataset(d.dir, cfg.text.descriptions, skip_missing=d.skip_bad_images)
-    teacher = teacher or load_teacher(cfg.teacher)
+    teacher = teacher or load_teachers(cfg.teachers)
 
     def source(split: Split) -> ImageSource:
         return ImageSource(split.records, d.base_size, d.resize, d.num_workers, d.skip_bad_images, d.preload,

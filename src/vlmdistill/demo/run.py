@@ -123,10 +123,11 @@ def setup(cache: Path, scale: DemoScale, progress: bool) -> tuple[Path, Path, Pa
 
 
 def run_demo(out: Path, cache: Path, quick: bool = False, seeds: int = 1, overrides: list[str] | None = None,
-             progress: bool = True, rows: tuple[Row, ...] = ROWS) -> dict[str, Any]:
-    """Every row for every seed; one workspace (decoded images, teacher) serves them all."""
+             progress: bool = True, rows: tuple[Row, ...] = ROWS, scale: DemoScale | None = None) -> dict[str, Any]:
+    """Every row for every seed; one workspace (decoded images, teacher) serves them all. ``scale`` (default:
+    the quick or full one) lets a benchmark run on another world of the generator."""
     start = time.perf_counter()
-    scale = DemoScale.quick() if quick else DemoScale.full()
+    scale = scale or (DemoScale.quick() if quick else DemoScale.full())
     data, cfg_path, ckpt = setup(cache, scale, progress)
     pools = {row.pool: f"data.unlabeled={ensure_pool(world_dir(cache, scale), scale.world, *row.pool)}"
              for row in rows if row.pool is not None}

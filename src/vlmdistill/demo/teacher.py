@@ -25,7 +25,7 @@ from open_clip.loss import ClipLoss
 
 from vlmdistill.data.images import load_image
 from vlmdistill.data.views import render, sample_views
-from vlmdistill.io import atomic_save_tensors, atomic_write_json, read_json, sha256_file, sha256_strings
+from vlmdistill.io import atomic_save_tensors, atomic_write_json, load_tensors, read_json, sha256_file, sha256_strings
 from vlmdistill.progress import make_progress
 
 MODEL_NAME = "vlmdistill-demo-clip"
@@ -93,25 +93,41 @@ def _pooled_text(model: torch.nn.Module, tokenizer: object, captions: list[str])
     return table[torch.tensor([where[c] for c in captions])]
 
 
+def _new_model(seed: int, text_from: Path | None) -> torch.nn.Module:
+    """A fresh model whose text tower is locked, but for its projection unless ``text_from`` gives one (copied
+    from that teacher's checkpoint and locked too: this teacher's image space then lives in its text space)."""
+    torch.manual_seed(seed)
+    model = open_clip.create_model(MODEL_NAME)
+    model.text.requires_grad_(False)
+    if text_from is None:
+        model.text.proj.requires_grad_(True)
+    else:
+        proj = {k: v for k, v in load_tensors(text_from).items() if k.startswith("text.proj.")}
+        if not proj:
+            raise ValueError(f"{text_from} holds no text projection (text.proj.*): not a demo teacher checkpoint")
+        model.load_state_dict(proj, strict=False)
+    return model
+
+
 def train_teacher(
-    world_root: Path, out_dir: Path, image_size: int, recipe: TeacherRecipe = TeacherRecipe(), progress: bool = True
+    world_root: Path, out_dir: Path, image_size: int, recipe: TeacherRecipe = TeacherRecipe(), progress: bool = True,
+    text_from: Path | None = None,
 ) -> tuple[Path, Path]:
-    """Train (or reuse) the demo teacher; returns (model-config JSON, safetensors checkpoint)."""
+    """Train (or reuse) the demo teacher; returns (model-config JSON, safetensors checkpoint). ``text_from``: a
+    demo teacher's checkpoint whose text space this one is trained into (an ensemble partner, as LiT)."""
     out_dir = Path(out_dir)
     cfg_path, ckpt = out_dir / f"{MODEL_NAME}.json", out_dir / f"{MODEL_NAME}.safetensors"
     meta_path = out_dir / "teacher.json"
     cfg = model_config(image_size)
     key = sha256_strings([json.dumps(cfg, sort_keys=True), json.dumps(asdict(recipe), sort_keys=True),
                           sha256_file(world_root / "corpus" / "captions.jsonl"),
-                          sha256_file(world_root / "world.json")])
+                          sha256_file(world_root / "world.json"),
+                          *([f"text_from={sha256_file(text_from)}"] if text_from is not None else [])])
     if ckpt.is_file() and meta_path.is_file() and read_json(meta_path).get("key") == key:
         return cfg_path, ckpt
     atomic_write_json(cfg_path, cfg)
     open_clip.add_model_config(cfg_path)
-    torch.manual_seed(recipe.seed)
-    model = open_clip.create_model(MODEL_NAME)
-    model.text.requires_grad_(False)
-    model.text.proj.requires_grad_(True)
+    model = _new_model(recipe.seed, text_from)
     images, captions = _corpus(world_root, image_size)
     pooled = _pooled_text(model, open_clip.get_tokenizer(MODEL_NAME), captions)
     n = len(captions)

@@ -6,6 +6,10 @@ Three sources, chosen once per run from the config:
 - ``whole image`` (paper): the target is the teacher's embedding of the whole image, whatever the view;
 - ``online``: views that cannot be stored (one augmentation per batch, or ``target_views=0``) are
   rendered for the teacher inside the step.
+
+With ``train.views_per_step`` = V each image gets V views, rows image-major (image i's views are rows
+``i*V ... i*V+V-1``). Stored views of one image are distinct while the store holds at least V (K >= V); with
+fewer, each of the K is used before any repeats.
 """
 
 from __future__ import annotations
@@ -44,24 +48,36 @@ class TargetLookup:
 
     def __call__(
         self, index: torch.Tensor, images: torch.Tensor, g: torch.Generator, n_global: int | None = None,
-        offset: int = 0,
+        offset: int = 0, per_image: int = 1,
     ) -> tuple[Views, torch.Tensor | None]:
-        """Views and targets of ``index``: rows ``offset...`` of a global batch of ``n_global`` images (under
-        DDP; all of it by default). Draws are made for the whole global batch, so every rank draws as one
-        process would and keeps its own rows."""
-        d = self.cfg.data
+        """Views and targets of ``index``, ``per_image`` rows per image: images ``offset...`` of a global batch
+        of ``n_global`` images (under DDP; all of it by default). Draws are made for the whole global batch, so
+        every rank draws as one process would and keeps its own rows."""
+        d, v = self.cfg.data, per_image
         n = len(index) if n_global is None else n_global
-        mine = slice(offset, offset + len(index))
+        mine = slice(offset * v, (offset + len(index)) * v)
+        rows = index.repeat_interleave(v) if v > 1 else index
         if self.store is not None and self.cfg.train.teacher_view == "same":
-            view_ids = torch.randint(1, self.store.n_views, (n,), generator=g)[mine]
-            return self.store.views(index, view_ids), self.store.targets(index, view_ids)
-        views = sample_views(n, g, d.crop_scale, hflip=d.hflip, per_batch=d.augment_per == "batch")
+            view_ids = stored_view_ids(n, v, self.store.n_views - 1, g).reshape(-1)[mine]
+            return self.store.views(rows, view_ids), self.store.targets(rows, view_ids)
+        views = sample_views(n * v, g, d.crop_scale, hflip=d.hflip, per_batch=d.augment_per == "batch")
         views = views.rows(mine.start, mine.stop)
         if self.store is not None:
-            return views, self.store.targets(index, torch.zeros_like(index))
+            return views, self.store.targets(rows, torch.zeros_like(rows))
         if self.teacher is not None:
-            return views, self.teacher.encode_images(render(images, views, self.teacher.image_size))
+            pixels = render(images.repeat_interleave(v, 0) if v > 1 else images, views, self.teacher.image_size)
+            return views, self.teacher.encode_images(pixels)
         return views, None
+
+
+def stored_view_ids(n: int, per_image: int, k: int, g: torch.Generator) -> torch.Tensor:
+    """[n, per_image] ids in 1..k of stored views (0 is the whole image): uniform with replacement for one
+    view per image (the draw runs always made), else a random order of the k views per image, cycled when
+    per_image > k, so an image's views are distinct whenever k >= per_image."""
+    if per_image == 1:
+        return torch.randint(1, k + 1, (n, 1), generator=g)
+    order = torch.rand(n, k, generator=g).argsort(dim=1) + 1
+    return order[:, torch.arange(per_image) % k]
 
 
 def open_targets(cfg: ExperimentConfig, teacher: Teacher, source: ImageSource, needed: bool) -> TargetLookup:
