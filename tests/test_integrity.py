@@ -120,7 +120,7 @@ def test_nonfinite_weights_are_never_saved(tmp_path: Path) -> None:
     student = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
     with torch.no_grad():
         student[1].running_var[1] = float("nan")
-    task = SimpleNamespace(student=student, prompts=None, cfg=SimpleNamespace(run_dir=tmp_path))
+    task = SimpleNamespace(student=student, prompts=None, ema=None, cfg=SimpleNamespace(run_dir=tmp_path))
     with pytest.raises(Diverged, match=r"^training diverged at step 7: 1 of 2 values of 1\.running_var are not "
                                        "finite; nothing of it was evaluated or saved, no checkpoint was saved yet"):
         save(task, None, None, LoopState(step=7))  # type: ignore[arg-type]

@@ -12,11 +12,9 @@ aside and swapped in whole (``io.replace_dir``): an export that fails leaves the
 from __future__ import annotations
 
 import copy
-import io
 import math
 import os
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -43,18 +41,15 @@ from vlmdistill.config import ExperimentConfig, config_to_dict
 from vlmdistill.errors import VlmdistillError
 from vlmdistill.io import (
     atomic_save_tensors,
-    atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
     out_of_space,
     replace_dir,
 )
+from vlmdistill.onnx_export import ONNX_OPSET, PARITY_TOLERANCE, export_checked
 from vlmdistill.runfolder import ModelMeta, RunFolder
 from vlmdistill.students import Student, count_parameters
 from vlmdistill.texttower import TEXT_DIR, portable_hf_name, save_hf_text_files, save_text_tower, text_state
-
-ONNX_OPSET = 17
-PARITY_TOLERANCE = 1e-4
 
 
 class ExportError(VlmdistillError, ValueError):
@@ -75,29 +70,10 @@ class OnnxHead(nn.Module):
 
 
 def write_onnx(model: DistilledModel, classes: torch.Tensor, path: Path) -> float:
-    """Export to ``path`` (through ``io``'s atomic writer) and return onnxruntime's max abs difference from
-    PyTorch."""
-    import onnxruntime as ort
-
-    head = OnnxHead(model.student, classes.to(model.device), model.logit_scale).cpu().eval()
+    """``model.onnx``: student + normalisation + cosine head; returns onnxruntime's max abs difference."""
+    head = OnnxHead(model.student, classes.to(model.device), model.logit_scale)
     s = model.transform.image_size
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(head, (torch.rand(1, 3, s, s),), buffer, dynamo=False, opset_version=ONNX_OPSET,
-                          input_names=["pixels"], output_names=["embedding", "logits"],
-                          dynamic_axes={"pixels": {0: "batch"}, "embedding": {0: "batch"}, "logits": {0: "batch"}})
-    atomic_write_bytes(path, buffer.getvalue())
-    pixels = torch.rand(4, 3, s, s, generator=torch.Generator().manual_seed(0))
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run(None, {"pixels": pixels.numpy()})
-    with torch.no_grad():
-        want = head(pixels)
-    diff = max(float((torch.from_numpy(g) - w).abs().max()) for g, w in zip(got, want, strict=True))
-    if diff > PARITY_TOLERANCE:
-        raise ExportError(f"{path}: onnxruntime differs from PyTorch by {diff:.2e} (> {PARITY_TOLERANCE}); "
-                          "use the safetensors weights with vlmdistill.load instead")
-    return diff
+    return export_checked(head, (3, s, s), path, ["embedding", "logits"])
 
 
 def _timm_pool(net: nn.Module) -> str:

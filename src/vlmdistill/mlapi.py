@@ -11,8 +11,6 @@ PickClutter h5 scenes with the run's cameras and channels, or RGB images for a 3
 
 from __future__ import annotations
 
-import io
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +28,6 @@ from vlmdistill.data.views import Views, render
 from vlmdistill.errors import VlmdistillError
 from vlmdistill.io import (
     atomic_save_tensors,
-    atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
     read_json,
@@ -41,13 +38,13 @@ from vlmdistill.multilabel.h5scenes import index_scenes
 from vlmdistill.multilabel.heads import DualPromptHead
 from vlmdistill.multilabel.loss import AsymmetricLoss
 from vlmdistill.multilabel.model import MultiLabelModel, Text, build_model, object_texts
+from vlmdistill.onnx_export import ONNX_OPSET, export_checked
 from vlmdistill.runfolder import ModelMeta, RunFolder, read_tensors
 from vlmdistill.teachers import load_teacher
 from vlmdistill.texttower import TEXT_DIR, open_text_tower, save_text_tower
 
 FORMAT = "vlmdistill-multilabel/1"
 MANIFEST, WEIGHTS, CONFIG, ONNX = "manifest.json", "student.safetensors", "config.yaml", "model.onnx"
-ONNX_OPSET, PARITY_TOLERANCE = 17, 1e-4
 
 
 class MultiLabelModelError(VlmdistillError, ValueError):
@@ -205,26 +202,9 @@ class OnnxMultiLabel(nn.Module):
 
 def write_onnx(model: MultiLabelDistilled, path: Path) -> float:
     """``model.onnx`` for the stored names; returns onnxruntime's max abs difference from PyTorch."""
-    import onnxruntime as ort
-
-    head = OnnxMultiLabel(model.model, model.text(model.names)).eval()
-    s, c = model.cfg.student.image_size, model.in_chans
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(head, (torch.rand(1, c, s, s),), buffer, dynamo=False, opset_version=ONNX_OPSET,
-                          input_names=["pixels"], output_names=["embedding", "probability", "score"],
-                          dynamic_axes={k: {0: "batch"} for k in ("pixels", "embedding", "probability", "score")})
-    atomic_write_bytes(path, buffer.getvalue())
-    pixels = torch.rand(3, c, s, s, generator=torch.Generator().manual_seed(0))
-    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"pixels": pixels.numpy()})
-    with torch.no_grad():
-        want = head(pixels)
-    diff = max(float((torch.from_numpy(g) - w).abs().max()) for g, w in zip(got, want, strict=True))
-    if diff > PARITY_TOLERANCE:
-        raise MultiLabelModelError(f"{path}: onnxruntime differs from PyTorch by {diff:.2e} (> {PARITY_TOLERANCE}); "
-                                   "use the safetensors weights with vlmdistill.load instead")
-    return diff
+    head = OnnxMultiLabel(model.model, model.text(model.names))
+    s = model.cfg.student.image_size
+    return export_checked(head, (model.in_chans, s, s), path, ["embedding", "probability", "score"])
 
 
 def portable_config(cfg: ExperimentConfig) -> dict[str, Any]:

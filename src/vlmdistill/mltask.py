@@ -89,6 +89,10 @@ class MultiLabelTask(nn.Module):
         self.student: MultiLabelModel = build_model(cfg, teacher, input_kinds(cfg, ds), ds.id_objects,
                                                     descriptions, asl).to(self.device)
         self.prompts = None  # the learned contexts live in the head, inside ``student``
+        if cfg.train.ema_decay is not None:
+            raise ConfigError("train.ema_decay: weight averaging is built for single-label runs only so far; drop "
+                              "it for a multi-label dataset")
+        self.ema = None
         self.closed_set = False
         self.pool = None
         self.teacher, self.descriptions = teacher, descriptions

@@ -18,7 +18,7 @@ from vlmdistill.io import read_json
 from vlmdistill.loop import FitResult, fit
 from vlmdistill.mlevaluate import score_scenes
 from vlmdistill.mltask import MultiLabelTask, scene_source, train_set_of
-from vlmdistill.results import RunResults, average_metrics
+from vlmdistill.results import RunResults
 from vlmdistill.resume_check import config_history
 from vlmdistill.students import count_parameters
 from vlmdistill.teachers import Teacher, load_teacher
@@ -61,17 +61,11 @@ def results_of(task: MultiLabelTask, teacher: Teacher, fitted: FitResult, source
              ds: MultiLabelSet) -> RunResults:
     """The results of a fitted task (not yet written): headline = mean of the last ``train.average_last``
     evaluations, as single-label runs; skipped bad scenes (at prepare and since) counted and listed."""
-    cfg, history = task.cfg, fitted.state.history
-    metrics = {k: v for k, v in history[-1].items() if k not in ("epoch", "step")} if history else {}
+    cfg = task.cfg
     student = {"id": task.student.spec.id, "params": count_parameters(task.student.student),
                "head_params": count_parameters(task.student.head)}
-    results = RunResults.start("train", cfg, cfg.name, str(cfg.run_dir), teacher, student, metrics)
-    results.phase("train", fitted.complete)
-    results.history = history
+    results = RunResults.of_training(cfg, teacher, student, fitted.state.history, fitted.complete)
     results.config_changes = config_history(cfg.run_dir)
-    tail = history[-cfg.train.average_last:]
-    results.metrics_last_avg = average_metrics(tail) if tail else {}
-    results.averaged_over = len(tail)
     skipped = sorted({k for s in sources for k in s.bad_keys} | set(ds.skipped))
     results.data = {"skipped_images": len(skipped), "skipped": skipped}
     results.train = {"steps": fitted.state.step, "seconds": round(fitted.seconds, 2), "targets": task.targets.kind,

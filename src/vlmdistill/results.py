@@ -115,6 +115,20 @@ class RunResults:
         return cls(kind=kind, run=run, run_dir=run_dir, teacher=teacher_summary(teacher), student=student,
                    metrics=metrics, metrics_last_avg=metrics, config=config_to_dict(cfg))
 
+    @classmethod
+    def of_training(cls, cfg: ExperimentConfig, teacher: Teacher, student: dict[str, Any],
+                    history: list[dict[str, Any]], complete: bool) -> RunResults:
+        """A training job's results from its evaluations: the last one as ``metrics``, the mean of the last
+        ``train.average_last`` as the headline (``metrics_last_avg``), the training phase done or not."""
+        metrics = {k: v for k, v in history[-1].items() if k not in ("epoch", "step")} if history else {}
+        results = cls.start("train", cfg, cfg.name, str(cfg.run_dir), teacher, student, metrics)
+        results.phase("train", complete)
+        results.history = history
+        tail = history[-cfg.train.average_last :]
+        results.metrics_last_avg = average_metrics(tail) if tail else {}
+        results.averaged_over = len(tail)
+        return results
+
     def phase(self, name: str, done: bool) -> None:
         """Mark a phase the run was asked for (``train``, ``analysis``) done or missing: a run is complete only
         when none is missing, and ``missing_phases`` says which are."""

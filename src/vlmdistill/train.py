@@ -24,7 +24,7 @@ from vlmdistill.integrity import Diverged, stop_on_lost_rank
 from vlmdistill.io import atomic_write_json, out_of_space
 from vlmdistill.loop import FitResult, fit
 from vlmdistill.mltrain import train_multilabel
-from vlmdistill.results import RunResults, average_metrics
+from vlmdistill.results import RunResults
 from vlmdistill.resume_check import check_resume, config_history, record_config
 from vlmdistill.runfolder import RunFolder
 from vlmdistill.runlock import LOCK_FILE, run_lock
@@ -51,16 +51,10 @@ def train_task(task: DistillTask, ws: Workspace, eval_set: EvalSet, resume: bool
 
 
 def _results(task: DistillTask, ws: Workspace, eval_set: EvalSet, fit_result: FitResult) -> RunResults:
-    cfg, history = task.cfg, fit_result.state.history
-    metrics = {k: v for k, v in history[-1].items() if k not in ("epoch", "step")} if history else {}
+    cfg = task.cfg
     student = {"id": task.student.spec.id, "params": count_parameters(task.student)}
-    results = RunResults.start("train", cfg, cfg.name, str(cfg.run_dir), ws.teacher, student, metrics)
-    results.phase("train", fit_result.complete)
-    results.history = history
+    results = RunResults.of_training(cfg, ws.teacher, student, fit_result.state.history, fit_result.complete)
     results.config_changes = config_history(cfg.run_dir)
-    tail = history[-cfg.train.average_last :]
-    results.metrics_last_avg = average_metrics(tail) if tail else {}
-    results.averaged_over = len(tail)
     pool = [task.pool.source] if task.pool is not None else []
     results.data = skipped_images(ws, task.train_set.source, eval_set.id_source, eval_set.ood_source, *pool)
     results.train = {"steps": fit_result.state.step, "seconds": round(fit_result.seconds, 2),

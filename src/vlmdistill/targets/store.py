@@ -94,9 +94,10 @@ def store_key(teacher: Teacher, source: ImageSource, recipe: ViewRecipe) -> dict
     pixels, so that path, and its device type, is named; PIL's key reads as before, so its stores are reused."""
     device = source.decode_device
     decode = "" if device is None else f",decode=torchvision-{torch.device(device).type}"
+    resize = GEOMETRY.get(source.resize, source.resize)  # a scene source names its teacher camera here
     return {
         "teacher_id": teacher.id,
-        "preprocess": f"base={source.base_size},resize={GEOMETRY[source.resize]},interp={source.interpolation},"
+        "preprocess": f"base={source.base_size},resize={resize},interp={source.interpolation},"
                       f"size={teacher.image_size},{RENDER_VERSION}{decode}",
         "images": images_fingerprint(source),
         "views": f"n={recipe.n_views},seed={recipe.seed},scale={recipe.crop_scale},hflip={recipe.hflip}",
