@@ -42,7 +42,7 @@ from vlmdistill.students import create_student
 RESULTS = Path(__file__).parent / "results"
 KD_POOL = ("loss.kd.weight=1", "loss.kd.on=pool")
 EMA = "train.ema_decay=0.99"  # a horizon of ~100 steps: a third of the full demo's 300 steps
-WIDE = "student.model_kwargs={channels: [48, 96, 192, 384], stem_width: 24}"  # 1.5x the demo's widths
+WIDE = "student.model_kwargs={channels: [48, 72, 72, 144], stem_width: 24}"  # 1.5x test_resnet's widths
 LEFT_OUT = {"randaugment": "the stored views do not record RandAugment's parameters, so its targets would not "
                            "match the student's view (see the module docstring)"}
 

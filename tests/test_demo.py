@@ -38,6 +38,12 @@ def test_quick_demo_writes_report(tmp_path: Path) -> None:
     from vlmdistill.runfolder import RunFolder
 
     assert RunFolder(out / "seed0" / "best").has_checkpoint()
+    from vlmdistill.export import export_model
+
+    # the demo's own student becomes a plain open_clip model (its student is one open_clip's timm tower names)
+    manifest = export_model(out / "seed0" / "best_desc", tmp_path / "model", open_clip=True)
+    assert manifest["open_clip"]["parity_max_abs_diff"] < 1e-5
+    assert (tmp_path / "model" / "open_clip" / "open_clip_model.safetensors").is_file()
 
 
 def test_quick_demo_time_is_one_figure_everywhere() -> None:

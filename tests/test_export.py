@@ -100,6 +100,26 @@ def test_open_clip_export_needs_a_timm_student(run: Path, tmp_path: Path) -> Non
         export_model(fake, tmp_path / "out", open_clip=True)
 
 
+def test_open_clip_export_refuses_model_kwargs_before_any_work(run: Path, tmp_path: Path) -> None:
+    """open_clip's timm tower names a model and passes no kwargs: say so (and what to train instead) up front."""
+    fake = fake_run(run, tmp_path / "kw", {"student": {"model_kwargs": {"stem_width": 16}}})
+    with pytest.raises(ExportError, match="cannot pass student.model_kwargs.*student.arch=test_resnet"):
+        export_model(fake, tmp_path / "out", open_clip=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_says_at_the_start_when_its_student_cannot_become_open_clip(run: Path, capsys) -> None:
+    from vlmdistill.runfolder import RunFolder
+    from vlmdistill.train import _note_open_clip
+
+    cfg = RunFolder(run).config()
+    _note_open_clip(cfg, resume=False)
+    assert "--open-clip" not in capsys.readouterr().err
+    kwargs = cfg.model_copy(update={"student": cfg.student.model_copy(update={"model_kwargs": {"stem_width": 16}})})
+    _note_open_clip(kwargs, resume=False)
+    assert "not --open-clip: open_clip's timm tower" in capsys.readouterr().err.replace("\n", " ")
+
+
 def test_closed_set_baseline_is_refused(run: Path, tmp_path: Path) -> None:
     fake = fake_run(run, tmp_path / "closed", {"loss": {"closed_set": True}})
     with pytest.raises(ClosedSetError, match="closed-set baseline"):

@@ -48,7 +48,7 @@ from vlmdistill.io import (
 )
 from vlmdistill.onnx_export import ONNX_OPSET, PARITY_TOLERANCE, export_checked
 from vlmdistill.runfolder import ModelMeta, RunFolder
-from vlmdistill.students import Student, count_parameters
+from vlmdistill.students import Student, count_parameters, open_clip_blocker
 from vlmdistill.texttower import TEXT_DIR, portable_hf_name, save_hf_text_files, save_text_tower, text_state
 
 
@@ -122,18 +122,13 @@ def _check_open_clip(model: DistilledModel, mean: list[float], std: list[float],
 
 def _check_open_clip_exportable(cfg: ExperimentConfig) -> None:
     """From the config alone, so a run that cannot become an open_clip model fails before any work."""
-    if cfg.student.arch.startswith("tv:"):
-        raise ExportError(
-            f"--open-clip needs a timm student: open_clip's vision towers are timm models, and this run's student "
-            f"is torchvision {cfg.student.arch[3:]!r}. Use model.onnx or vlmdistill.load, or train a timm student "
-            "(e.g. student.arch=resnet18)"
-        )
+    blocker = open_clip_blocker(cfg.student)
+    if blocker is not None:
+        raise ExportError(f"--open-clip needs a timm student open_clip can build: {blocker}. Use model.onnx or "
+                          "vlmdistill.load for this run")
     if cfg.teacher.backend != "open_clip":
         raise ExportError("--open-clip needs an open_clip teacher for the text tower; this run's teacher is a "
                           "Hugging Face CLIPModel. Use model.onnx or vlmdistill.load")
-    if cfg.student.model_kwargs:
-        raise ExportError(f"--open-clip: open_clip's timm tower cannot pass student.model_kwargs "
-                          f"{cfg.student.model_kwargs}; use model.onnx or vlmdistill.load")
 
 
 def export_open_clip(model: DistilledModel, folder: Path) -> dict[str, Any]:

@@ -24,11 +24,12 @@ from vlmdistill.integrity import Diverged, stop_on_lost_rank
 from vlmdistill.io import atomic_write_json, out_of_space
 from vlmdistill.loop import FitResult, fit
 from vlmdistill.mltrain import train_multilabel
+from vlmdistill.progress import console
 from vlmdistill.results import RunResults
 from vlmdistill.resume_check import check_resume, config_history, record_config
 from vlmdistill.runfolder import RunFolder
 from vlmdistill.runlock import LOCK_FILE, run_lock
-from vlmdistill.students import count_parameters
+from vlmdistill.students import count_parameters, open_clip_blocker
 from vlmdistill.targets.lookup import open_targets
 from vlmdistill.task import DistillTask, open_pool
 from vlmdistill.workspace import EvalSet, Workspace, build_workspace, class_text_embeddings, default_sets
@@ -121,6 +122,7 @@ def distill(cfg: ExperimentConfig, ws: Workspace | None = None, resume: bool = F
         if cfg.loss.asl.weight:
             raise ConfigError(f"loss.asl trains a multi-label head, but {cfg.data.dir} is a single-label dataset: "
                               "set loss.asl.weight=0, or prepare multi-label data (prepare --multilabel-csv / --h5)")
+        _note_open_clip(cfg, resume)
         ws = ws or build_workspace(cfg)
         train_set, eval_set = default_sets(ws, class_text_embeddings(cfg, ws)[0])
         task = DistillTask(cfg, ws, train_set)
@@ -136,6 +138,14 @@ def distill(cfg: ExperimentConfig, ws: Workspace | None = None, resume: bool = F
             results.phase("analysis", True)
         _write_results(cfg.run_dir, results)
         return results.to_dict()
+
+
+def _note_open_clip(cfg: ExperimentConfig, resume: bool) -> None:
+    """Say at the start, not at export, that this student will not become an open_clip model."""
+    blocker = open_clip_blocker(cfg.student)
+    if blocker is not None and cfg.teacher.backend == "open_clip" and not resume and distributed.is_main():
+        console.print(f"[yellow]note:[/] this run will export to model.onnx and vlmdistill.load but not "
+                      f"--open-clip: {blocker}")
 
 
 def _diverged(task: DistillTask, ws: Workspace, eval_set: EvalSet, err: Diverged) -> RunResults:

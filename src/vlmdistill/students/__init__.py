@@ -126,5 +126,18 @@ def create_student(config: StudentConfig, out_dim: int, kinds: Sequence[str] = (
     return Student(net, spec, out_dim, kinds)
 
 
+def open_clip_blocker(config: StudentConfig) -> str | None:
+    """Why open_clip's timm vision tower cannot build this student, or None. That tower takes a timm model name
+    and nothing else, so train says this at the start rather than export at the end."""
+    if config.arch.startswith("tv:"):
+        return (f"the student is torchvision {config.arch[3:]!r}, and open_clip's vision towers are timm models "
+                "(train a timm student, e.g. student.arch=resnet18)")
+    if config.model_kwargs:
+        return (f"open_clip's timm tower builds a timm model by name only and cannot pass student.model_kwargs "
+                f"{dict(config.model_kwargs)} (train a timm architecture that has those settings built in, e.g. "
+                "student.arch=test_resnet or resnet10t, with no model_kwargs)")
+    return None
+
+
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
