@@ -103,7 +103,7 @@ def test_open_clip_export_needs_a_timm_student(run: Path, tmp_path: Path) -> Non
 def test_open_clip_export_refuses_model_kwargs_before_any_work(run: Path, tmp_path: Path) -> None:
     """open_clip's timm tower names a model and passes no kwargs: say so (and what to train instead) up front."""
     fake = fake_run(run, tmp_path / "kw", {"student": {"model_kwargs": {"stem_width": 16}}})
-    with pytest.raises(ExportError, match="cannot pass student.model_kwargs.*student.arch=test_resnet"):
+    with pytest.raises(ExportError, match=r"cannot pass student\.model_kwargs.*student\.arch=test_resnet"):
         export_model(fake, tmp_path / "out", open_clip=True)
     assert not (tmp_path / "out").exists()
 

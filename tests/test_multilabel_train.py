@@ -170,3 +170,21 @@ def test_a_column_without_scenes_is_empty_not_an_error() -> None:
     assert column_metrics(None, torch.zeros(0, 0), torch.zeros(0, 3), range(3)) == {}  # type: ignore[arg-type]
     assert average_metrics([{"x_id": {}, "y_ood_on_ood": {"f1": 10.0}}, {"x_id": {}, "y_ood_on_ood": {"f1": 20.0}}]) \
         == {"y_ood_on_ood": {"f1": 15.0}}
+
+
+def test_divergence_is_recorded_as_a_failure_not_a_result(ml_overrides: list[str],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A multi-label run whose loss turns NaN writes results.json as the single-label job does: never complete,
+    the failure named with its step."""
+    from vlmdistill.integrity import Diverged
+
+    finite = AsymmetricLoss.forward
+    monkeypatch.setattr(AsymmetricLoss, "forward", lambda self, p, y: finite(self, p, y) * float("nan"))
+    cfg = load_config(None, [*ml_overrides, "name=ml_diverged"])
+    with pytest.raises(Diverged, match=r"training diverged at step \d+: loss term asl is nan") as err:
+        distill(cfg)
+    results = read_json(cfg.run_dir / "results.json")
+    assert results["complete"] is False and results["missing_phases"] == ["train"]
+    assert results["failure"] == {"kind": "diverged", "step": err.value.step, "what": "loss term asl is nan",
+                                  "checkpoint": "no checkpoint was saved yet"}
+    assert results["train"]["steps"] == err.value.step and results["train"]["seconds"] is None

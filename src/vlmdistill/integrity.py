@@ -19,7 +19,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -28,12 +28,16 @@ from vlmdistill import distributed
 from vlmdistill.checkpoint import LoopState, intact_checkpoint
 from vlmdistill.errors import RunError
 
+if TYPE_CHECKING:
+    from vlmdistill.results import RunResults
+
 
 class Diverged(RunError):
     """Training produced a non-finite loss or weight; ``state`` holds the evaluations made before it."""
 
     def __init__(self, step: int, what: str, run_dir: Path, state: LoopState) -> None:
         self.step, self.what, self.state = step, what, state
+        self.results: RunResults | None = None  # the job's record of ``state``, filled by the job that caught it
         self.checkpoint = intact_checkpoint(run_dir)
         super().__init__(
             f"training diverged at step {step}: {what}; nothing of it was evaluated or saved, {self.checkpoint} "
@@ -43,6 +47,13 @@ class Diverged(RunError):
     def record(self) -> dict[str, Any]:
         """The failure as ``results.json`` keeps it."""
         return {"kind": "diverged", "step": self.step, "what": self.what, "checkpoint": self.checkpoint}
+
+    def recorded(self, results: RunResults) -> Diverged:
+        """This failure with ``results`` (the evaluations before it) marked failed, for the job to write."""
+        results.failure = self.record()
+        results.train = {**(results.train or {}), "steps": self.step, "seconds": None}
+        self.results = results
+        return self
 
 
 def nonfinite_loss(terms: dict[str, torch.Tensor]) -> str | None:

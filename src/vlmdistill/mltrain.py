@@ -14,6 +14,7 @@ import torch
 
 from vlmdistill.config import ConfigError, ExperimentConfig
 from vlmdistill.data.multilabel_set import MultiLabelSet, open_multilabel
+from vlmdistill.integrity import Diverged
 from vlmdistill.io import read_json
 from vlmdistill.loop import FitResult, fit
 from vlmdistill.mlevaluate import score_scenes
@@ -53,8 +54,13 @@ def train_multilabel(cfg: ExperimentConfig, resume: bool = False, teacher: Teach
     def evaluate() -> dict[str, Any]:
         return score_scenes(task.student, cfg, teacher, x_id, x_ood, ds.id_objects, ds.ood_objects, descriptions)
 
-    fitted = fit(task, evaluate, resume=resume)
-    return results_of(task, teacher, fitted, [task.train_set.source, x_id, x_ood], ds)
+    sources = [task.train_set.source, x_id, x_ood]
+    try:
+        fitted = fit(task, evaluate, resume=resume)
+    except Diverged as err:
+        err.recorded(results_of(task, teacher, FitResult(err.state, 0.0, False), sources, ds))
+        raise
+    return results_of(task, teacher, fitted, sources, ds)
 
 
 def results_of(task: MultiLabelTask, teacher: Teacher, fitted: FitResult, sources: list[Any],

@@ -9,6 +9,7 @@ analysis gather across ranks); rank 0 alone holds the run lock and writes the ru
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,11 @@ def train_task(task: DistillTask, ws: Workspace, eval_set: EvalSet, resume: bool
     def evaluate() -> dict[str, Any]:
         return score_student(task.eval_student, cfg, eval_set, task.class_embeddings(), task.n_id, ood_trained)
 
-    result = fit(task, evaluate, resume=resume)
+    try:
+        result = fit(task, evaluate, resume=resume)
+    except Diverged as err:
+        err.recorded(_results(task, ws, eval_set, FitResult(err.state, 0.0, False)))
+        raise
     return _results(task, ws, eval_set, result)
 
 
@@ -116,7 +121,8 @@ def distill(cfg: ExperimentConfig, ws: Workspace | None = None, resume: bool = F
         torch.manual_seed(cfg.seed)
         if is_multilabel(cfg.data.dir):  # scenes with several objects each: the multi-label job (mltrain)
             _begin(cfg, resume)
-            results = train_multilabel(cfg, resume, ws.teacher if ws is not None else None)
+            teacher = ws.teacher if ws is not None else None
+            results = _recording_divergence(cfg, lambda: train_multilabel(cfg, resume, teacher))
             _write_results(cfg.run_dir, results)
             return results.to_dict()
         if cfg.loss.asl.weight:
@@ -126,11 +132,7 @@ def distill(cfg: ExperimentConfig, ws: Workspace | None = None, resume: bool = F
         ws = ws or build_workspace(cfg)
         train_set, eval_set = default_sets(ws, class_text_embeddings(cfg, ws)[0])
         task = DistillTask(cfg, ws, train_set)
-        try:
-            results = train_task(task, ws, eval_set, resume=resume)
-        except Diverged as err:
-            _write_results(cfg.run_dir, _diverged(task, ws, eval_set, err))
-            raise
+        results = _recording_divergence(cfg, lambda: train_task(task, ws, eval_set, resume=resume))
         if cfg.train.analysis and not task.closed_set:
             results.phase("analysis", False)
             _write_results(cfg.run_dir, results)
@@ -148,12 +150,14 @@ def _note_open_clip(cfg: ExperimentConfig, resume: bool) -> None:
                       f"--open-clip: {blocker}")
 
 
-def _diverged(task: DistillTask, ws: Workspace, eval_set: EvalSet, err: Diverged) -> RunResults:
-    """The record of a run stopped by a divergence: its evaluations so far, never complete."""
-    results = _results(task, ws, eval_set, FitResult(err.state, 0.0, False))
-    results.failure = err.record()
-    results.train = {**(results.train or {}), "steps": err.step, "seconds": None}
-    return results
+def _recording_divergence(cfg: ExperimentConfig, job: Callable[[], RunResults]) -> RunResults:
+    """Run a training job; on a divergence, write the job's record of it (never complete) before it propagates."""
+    try:
+        return job()
+    except Diverged as err:
+        if err.results is not None:
+            _write_results(cfg.run_dir, err.results)
+        raise
 
 
 def _write_results(run_dir: Path, results: RunResults) -> None:
