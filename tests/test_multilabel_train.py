@@ -100,8 +100,19 @@ def test_run_trains_evaluates_and_resumes_bit_identically(ml_overrides: list[str
     for k in weights:
         assert torch.equal(weights[k], again[k]), k
     assert resumed["metrics"] == res["metrics"]
+    _check_eval(full, res)
     _check_fewshot(full, ds)
     _check_load_export_predict(full, clutter_dir.parent / "h5" / "val.h5", clutter_dir.parent / "model")
+
+
+def _check_eval(full: ExperimentConfig, trained: dict) -> None:
+    """`vlmdistill eval` re-scores the saved student: the training's last evaluation, to the digit."""
+    res = CliRunner().invoke(app, ["eval", str(full.run_dir / "config.yaml")])
+    assert res.exit_code == 0, res.output
+    scored = read_json(full.run_dir / "eval.json")
+    assert scored["kind"] == "eval" and scored["metrics"] == trained["metrics"]
+    res = CliRunner().invoke(app, ["eval", str(full.run_dir / "config.yaml"), "--teacher-only"])
+    assert res.exit_code == 2 and "multi-label scenes" in res.output
 
 
 def _check_load_export_predict(full: ExperimentConfig, val_h5: Path, out: Path) -> None:

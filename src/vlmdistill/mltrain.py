@@ -1,6 +1,7 @@
-"""The multi-label training job: distill a multi-label student on prepared scenes, scoring it zero-shot at the
-end of outer epochs (``mlevaluate``); ``train.distill`` runs it (run lock, resume checks, results.json) when
-``data.dir`` holds a multi-label dataset (``multilabel.json``).
+"""The multi-label jobs: distill a multi-label student on prepared scenes, scoring it zero-shot at the end of
+outer epochs (``mlevaluate``); ``train.distill`` runs it (run lock, resume checks, results.json) when
+``data.dir`` holds a multi-label dataset (``multilabel.json``). ``evaluate_multilabel_run`` re-scores a saved
+one, for ``vlmdistill eval``.
 
 Object descriptions (``text.use_descriptions``) come from ``text.descriptions``, a JSON file
 ``{object name: description}``.
@@ -8,15 +9,18 @@ Object descriptions (``text.use_descriptions``) come from ``text.descriptions``,
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from vlmdistill.config import ConfigError, ExperimentConfig
 from vlmdistill.data.multilabel_set import MultiLabelSet, open_multilabel
+from vlmdistill.evaluate import eval_results_path
 from vlmdistill.integrity import Diverged
-from vlmdistill.io import read_json
+from vlmdistill.io import atomic_write_json, read_json
 from vlmdistill.loop import FitResult, fit
+from vlmdistill.mlapi import load_multilabel
 from vlmdistill.mlevaluate import score_scenes
 from vlmdistill.mltask import MultiLabelTask, scene_source, train_set_of
 from vlmdistill.results import RunResults
@@ -61,6 +65,23 @@ def train_multilabel(cfg: ExperimentConfig, resume: bool = False, teacher: Teach
         err.recorded(results_of(task, teacher, FitResult(err.state, 0.0, False), sources, ds))
         raise
     return results_of(task, teacher, fitted, sources, ds)
+
+
+def evaluate_multilabel_run(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
+    """Re-score a saved multi-label student on ``cfg``'s scenes (Table 12's three columns and mAP), as ``vlmdistill
+    eval`` does single-label runs; writes eval.json (``eval-<dataset>.json`` on another dataset)."""
+    ds = open_multilabel(cfg.data.dir)
+    saved = load_multilabel(run_dir)
+    x_id, x_ood = scene_source(cfg, ds, "val_on_train"), scene_source(cfg, ds, "val")
+    metrics = score_scenes(saved.model, cfg, saved.teacher, x_id, x_ood, ds.id_objects, ds.ood_objects,
+                           object_descriptions(cfg, ds))
+    student = {"id": saved.model.student.spec.id, "params": count_parameters(saved.model.student),
+               "head_params": count_parameters(saved.model.head)}
+    results = RunResults.start("eval", cfg, str(run_dir), str(run_dir), saved.teacher, student, metrics)
+    skipped = sorted({k for s in (x_id, x_ood) for k in s.bad_keys})
+    results.data = {"skipped_images": len(skipped), "skipped": skipped}
+    atomic_write_json(eval_results_path(cfg, Path(run_dir)), results.to_dict())
+    return results.to_dict()
 
 
 def results_of(task: MultiLabelTask, teacher: Teacher, fitted: FitResult, sources: list[Any],
