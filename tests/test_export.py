@@ -283,6 +283,20 @@ def hf_text_run(tmp_path_factory: pytest.TempPathFactory, prepared: Path) -> tup
     return tiny_run(root, prepared, (cfg_path, teacher / "tiny-hf-text.pt"), name="hf-text"), hf
 
 
+def test_hugging_face_text_tower_skips_padding_columns_exactly(hf_text_run: tuple[Path, Path]) -> None:
+    """A Hugging Face text tower masks its padding: the teacher encodes short prompts without the padding
+    columns (its cost), and the embeddings are those of the full-length tokens."""
+    from vlmdistill.runfolder import RunFolder
+    from vlmdistill.teachers import load_teacher
+
+    teacher = load_teacher(RunFolder(hf_text_run[0]).config().teacher)
+    tokens = teacher.tokenize(["a red circle", "a photo of a small purple triangle on grey"])
+    assert tokens.shape[1] == 32 and teacher._unpadded(tokens).shape[1] < 16
+    with torch.no_grad():
+        full = teacher.model.encode_text(tokens)
+        assert torch.allclose(teacher.encode_tokens(tokens), full, atol=1e-6)
+
+
 def test_moved_folder_with_a_hugging_face_text_tower_needs_neither_its_source_nor_the_teacher(
     hf_text_run: tuple[Path, Path], tmp_path: Path, raw_images: Path
 ) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import open_clip
 import torch
+from open_clip.hf_model import HFTextEncoder
 
 from vlmdistill.config import TeacherConfig
 from vlmdistill.device import resolve_device
@@ -98,7 +99,18 @@ class OpenClipTeacher(Teacher):
         return self.tokenizer(texts)
 
     def _encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_text(tokens)
+        return self.model.encode_text(self._unpadded(tokens))
+
+    def _unpadded(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``tokens`` without the trailing columns that are padding in every row, for a Hugging Face text tower:
+        it masks its padding, so they change nothing, and dropping them makes short prompts (a learned prompt's
+        every step) several times cheaper. open_clip's own tower adds a fixed-length positional embedding, so
+        its tokens stay as they are."""
+        text = getattr(self.model, "text", None)
+        if not isinstance(text, HFTextEncoder):
+            return tokens
+        used = (tokens != text.config.pad_token_id).any(0).nonzero()
+        return tokens[:, : int(used.max()) + 1] if len(used) else tokens
 
     def count_tokens(self, text: str) -> int:
         inner = getattr(self.tokenizer, "encode", None)
