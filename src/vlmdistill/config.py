@@ -93,7 +93,11 @@ class DataConfig(_Strict):
 
     Multi-label scene data (``prepare --h5``): the student takes ``cameras`` x ``channels`` stacked (base + hand
     RGB-D: the paper's 8 channels), depth as metres / ``depth_max`` (null: raw metres, the official code's);
-    the teacher sees ``teacher_camera``'s RGB (the paper's L_mse / L_im-cst use the hand camera's)."""
+    the teacher sees ``teacher_camera``'s RGB (the paper's L_mse / L_im-cst use the hand camera's).
+
+    ``randaugment``: RandAugment(2, 9) on the student's images. ``student`` (``true``, the paper's) augments them
+    after the teacher's target was taken, so the target describes another image; ``consistent`` draws the ops with
+    each stored view, so the teacher's target is of the augmented view the student sees."""
 
     dir: Path = Path("data")
     base_size: Annotated[Int, Field(ge=8)] = 256
@@ -101,7 +105,7 @@ class DataConfig(_Strict):
     augment_per: Literal["image", "batch"] = "image"
     crop_scale: tuple[Fraction, Fraction] = (0.08, 1.0)
     hflip: bool = True
-    randaugment: bool = False
+    randaugment: Literal["off", "student", "consistent"] = "off"
     eval_crop: Fraction = 0.875
     teacher_eval_view: Literal["center", "whole"] = "center"
     interpolation: Literal["bicubic", "bilinear"] = "bicubic"
@@ -115,6 +119,12 @@ class DataConfig(_Strict):
     channels: tuple[Literal["rgb", "depth"], ...] = Field(default=("rgb", "depth"), min_length=1)
     teacher_camera: Literal["base", "hand"] = "hand"
     depth_max: Positive | None = 2.0
+
+    @field_validator("randaugment", mode="before")
+    @classmethod
+    def _randaugment_bool(cls, value: Any) -> Any:
+        """``true`` (as the paper presets write it) is the student-only RandAugment; ``false`` is off."""
+        return {True: "student", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
     @field_validator("crop_scale")
     @classmethod
@@ -331,6 +341,10 @@ class ExperimentConfig(_Strict):
         from vlmdistill.losses import check_loss_config
 
         check_loss_config(self.loss, captions=self.text.captions is not None)
+        if self.data.randaugment == "consistent" and self.train.teacher_view == "whole":
+            raise ValueError("data.randaugment=consistent gives the teacher's target the student's RandAugment ops, "
+                             "but train.teacher_view=whole scores the whole un-augmented image: set "
+                             "train.teacher_view=same, or data.randaugment=student")
         return self
 
     @property

@@ -67,7 +67,7 @@ def check_multilabel_config(cfg: ExperimentConfig) -> None:
     if cfg.loss.asl.weight == 0:
         raise ConfigError(f"{cfg.data.dir} holds multi-label scenes: set loss.asl.weight (the multi-label head's "
                           "loss, e.g. 1) and loss.cls.weight=0")
-    if cfg.data.randaugment:
+    if cfg.data.randaugment != "off":
         raise ConfigError("data.randaugment works on RGB images only: set data.randaugment=false for scene data")
     if cfg.loss.closed_set:
         raise ConfigError("loss.closed_set has no multi-label form: set loss.closed_set=false")

@@ -164,7 +164,7 @@ class DistillTask(nn.Module):
         if v > 1:
             images, index = images.repeat_interleave(v, 0), index.repeat_interleave(v)
             counts = [c * v for c in counts] if counts else None
-        if self.cfg.data.randaugment:
+        if self.cfg.data.randaugment == "student":  # the paper's: the teacher's target does not see these ops
             images = randaugment(images, g, per_batch=self.cfg.data.augment_per == "batch", offset=offset * v)
         pixels = render(images, views, self.cfg.student.image_size).to(self.device, non_blocking=True)
         return StepBatch(pixels, index, targets, counts=counts)

@@ -1,33 +1,45 @@
 """Views: the crop box and flip that turn a base image into what a model sees.
 
-A view is a few numbers (box in [0, 1] image coordinates, flip), so the same view can be rendered for
-the student at its resolution and for the teacher at its own, stored next to a teacher embedding, and
-replayed later. Rendering is one batched ``roi_align`` (area-averaged bilinear crop-resize) per batch.
+A view is a few numbers (box in [0, 1] image coordinates, flip, and optionally RandAugment's draws), so the
+same view can be rendered for the student at its resolution and for the teacher at its own, stored next to a
+teacher embedding, and replayed later. Rendering is one batched ``roi_align`` (area-averaged bilinear
+crop-resize) per batch, then the view's RandAugment ops, batched per op.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torchvision.ops import roi_align
 from torchvision.transforms import v2
 
+RANDAUGMENT = v2.RandAugment(num_ops=2, magnitude=9, interpolation=v2.InterpolationMode.BILINEAR)
+"""The ops, magnitude and fill of consistent RandAugment: torchvision's RandAugment(2, 9), bilinear."""
+_OPS = tuple(RANDAUGMENT._AUGMENTATION_SPACE)
+
 
 @dataclass
 class Views:
-    """boxes [B, 4] as (x0, y0, x1, y1) fractions of the base image; flips [B] bool."""
+    """boxes [B, 4] as (x0, y0, x1, y1) fractions of the base image; flips [B] bool; ``augment`` [B, 2]
+    RandAugment codes (``sample_randaugment``) or None. Any leading shape [B, V, ...] for a store's views."""
 
     boxes: torch.Tensor
     flips: torch.Tensor
+    augment: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.boxes.shape[0]
 
+    def __getitem__(self, index: Any) -> Views:
+        """The views at ``index`` (of the leading dimensions), each with its boxes, flip and RandAugment draws."""
+        return Views(self.boxes[index], self.flips[index], None if self.augment is None else self.augment[index])
+
     def rows(self, start: int, stop: int) -> Views:
         """Views [start, stop): one rank's share of views drawn for a whole global batch."""
-        return Views(self.boxes[start:stop], self.flips[start:stop])
+        return self[start:stop]
 
     @classmethod
     def whole(cls, n: int) -> Views:
@@ -82,7 +94,34 @@ def render(images: torch.Tensor, views: Views, size: int) -> torch.Tensor:
     out = roi_align(images.float(), rois, output_size=(size, size), sampling_ratio=-1, aligned=True)
     out = out if images.is_floating_point() else out / 255.0
     flips = views.flips.to(images.device).view(b, 1, 1, 1)
-    return torch.where(flips, out.flip(-1), out)
+    out = torch.where(flips, out.flip(-1), out)
+    return out if views.augment is None else apply_randaugment(out, views.augment)
+
+
+def sample_randaugment(n: int, generator: torch.Generator) -> torch.Tensor:
+    """RandAugment(2, 9) draws for ``n`` views as codes [n, 2]: op index * 2 + 1 where a signed op's magnitude
+    is negated. Stored with a view, they give the teacher's target and the student's pixels the same ops."""
+    ops = torch.randint(len(_OPS), (n, RANDAUGMENT.num_ops), generator=generator)
+    negated = torch.rand(n, RANDAUGMENT.num_ops, generator=generator) < 0.5
+    return (ops * 2 + negated).to(torch.int16)
+
+
+def apply_randaugment(pixels: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Float pixels [B, C, S, S] in [0, 1] through each row's RandAugment ops, in order, with torchvision's own
+    implementation of each op; rows that share an op and sign go through it together. Translations are a
+    fraction of the size and the rest angles or factors, so a view gets the same ops at any resolution."""
+    out, codes = pixels.clone(), codes.to(pixels.device)
+    size = pixels.shape[-1]
+    for slot in range(codes.shape[1]):
+        for code in codes[:, slot].unique().tolist():
+            rows = (codes[:, slot] == code).nonzero().flatten()
+            name = _OPS[code // 2]
+            magnitudes, signed = RANDAUGMENT._AUGMENTATION_SPACE[name]
+            steps = magnitudes(RANDAUGMENT.num_magnitude_bins, size, size)
+            m = 0.0 if steps is None else float(steps[RANDAUGMENT.magnitude]) * (-1 if signed and code % 2 else 1)
+            out[rows] = RANDAUGMENT._apply_image_or_video_transform(
+                out[rows], name, m, interpolation=RANDAUGMENT.interpolation, fill=RANDAUGMENT._fill).clamp(0, 1)
+    return out
 
 
 def randaugment(images: torch.Tensor, generator: torch.Generator, per_batch: bool, offset: int = 0) -> torch.Tensor:

@@ -17,7 +17,7 @@ from safetensors.torch import save
 
 from vlmdistill import distributed
 from vlmdistill.data.source import ImageSource
-from vlmdistill.data.views import Views, render, sample_views
+from vlmdistill.data.views import Views, render, sample_randaugment, sample_views
 from vlmdistill.io import atomic_write_bytes
 from vlmdistill.progress import make_progress
 from vlmdistill.targets.manifest import DTYPE, FileEntry, ShardEntry, StoreManifest
@@ -26,14 +26,15 @@ from vlmdistill.teachers.base import Teacher
 
 @dataclass(frozen=True)
 class ViewRecipe:
-    """The stored views: whole image, then ``n_views`` random crops (and flips) per image from ``seed``."""
+    """The stored views: whole image, then ``n_views`` random crops (and flips) per image from ``seed``; with
+    ``randaugment``, each random view also draws RandAugment(2, 9) ops, which the teacher sees and the store
+    keeps for the student (MobileCLIP's stored augmentations)."""
 
     n_views: int
     seed: int
     crop_scale: tuple[float, float]
     hflip: bool
-
-
+    randaugment: bool = False
 
 def _all_views(n_images: int, recipe: ViewRecipe) -> Views:
     """Whole image first, then K random views per image, from one seeded generator."""
@@ -44,7 +45,11 @@ def _all_views(n_images: int, recipe: ViewRecipe) -> Views:
     rand = sample_views(n_images * recipe.n_views, g, recipe.crop_scale, hflip=recipe.hflip)
     boxes = torch.cat([whole.boxes.unsqueeze(1), rand.boxes.view(n_images, recipe.n_views, 4)], dim=1)
     flips = torch.cat([whole.flips.unsqueeze(1), rand.flips.view(n_images, recipe.n_views)], dim=1)
-    return Views(boxes, flips)
+    if not recipe.randaugment:
+        return Views(boxes, flips)
+    codes = sample_randaugment(n_images * recipe.n_views, g).view(n_images, recipe.n_views, -1)
+    identity = torch.zeros(n_images, 1, codes.shape[-1], dtype=codes.dtype)  # the whole image stays as it is
+    return Views(boxes, flips, torch.cat([identity, codes], dim=1))
 
 
 def _write_file(directory: Path, name: str, data: bytes) -> FileEntry:
@@ -92,6 +97,8 @@ class _ShardWriter:
         i = self.todo.pop(0)
         meta = {"boxes": self.views.boxes[start:stop].contiguous(), "flips": self.views.flips[start:stop].contiguous(),
                 "valid": torch.from_numpy(self._valid)}
+        if self.views.augment is not None:
+            meta["augment"] = self.views.augment[start:stop].contiguous()
         feats = _write_file(self.directory, f"{i:05d}.feats.f16", self._feats.tobytes())
         metas = _write_file(self.directory, f"{i:05d}.meta.safetensors", save(meta))
         self.manifest.shards[i] = ShardEntry([start, stop], feats, metas)
@@ -104,8 +111,7 @@ def _encode(teacher: Teacher, images: torch.Tensor, views: Views) -> torch.Tenso
     """Every view [m, V] of one decoded batch rendered on the teacher's device, encoded in one call."""
     m, v = views.flips.shape
     images = images.to(teacher.device)
-    pixels = torch.cat([render(images, Views(views.boxes[:, j], views.flips[:, j]), teacher.image_size)
-                        for j in range(v)])
+    pixels = torch.cat([render(images, views[:, j], teacher.image_size) for j in range(v)])
     return teacher.encode_images(pixels).view(v, m, -1).transpose(0, 1).cpu().half()
 
 
@@ -125,8 +131,7 @@ def extract_shards(teacher: Teacher, source: ImageSource, recipe: ViewRecipe, di
     with make_progress(progress) as bar:
         task = bar.add_task("teacher targets", total=manifest.n_images, completed=done, info="")
         for batch in source.iter_batches(_plan(manifest, todo, per_batch)):
-            writer.add(batch.index, _encode(teacher, batch.images, Views(views.boxes[batch.index],
-                                                                        views.flips[batch.index])))
+            writer.add(batch.index, _encode(teacher, batch.images, views[batch.index]))
             encoded += len(batch.index)
             rate = encoded / max(time.perf_counter() - start, 1e-9)
             bar.update(task, advance=len(batch.index), info=f"{rate:.0f} img/s")

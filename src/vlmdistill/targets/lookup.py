@@ -1,8 +1,9 @@
 """The teacher's target for each view a student trains on: replayed from the store, or computed online.
 
 Three sources, chosen once per run from the config:
-- ``stored views`` (default): the store holds K random views per image; each step picks one per image, so
-  the student sees exactly the view the teacher's target was computed on;
+- ``stored views`` (default): the store holds K random views per image (with ``data.randaugment=consistent``,
+  each with its RandAugment ops); each step picks one per image, so the student sees exactly the view the
+  teacher's target was computed on;
 - ``whole image`` (paper): the target is the teacher's embedding of the whole image, whatever the view;
 - ``online``: views that cannot be stored (one augmentation per batch, or ``target_views=0``) are
   rendered for the teacher inside the step.
@@ -20,7 +21,7 @@ import torch
 
 from vlmdistill.config import ExperimentConfig
 from vlmdistill.data.source import ImageSource
-from vlmdistill.data.views import Views, render, sample_views
+from vlmdistill.data.views import Views, render, sample_randaugment, sample_views
 from vlmdistill.targets.store import TargetStore, ViewRecipe, open_store
 from vlmdistill.teachers import Teacher
 
@@ -30,7 +31,8 @@ def target_recipe(cfg: ExperimentConfig) -> ViewRecipe | None:
     if cfg.train.teacher_view == "whole":
         return ViewRecipe(0, cfg.seed, cfg.data.crop_scale, cfg.data.hflip)
     if cfg.train.target_views > 0 and cfg.data.augment_per == "image":
-        return ViewRecipe(cfg.train.target_views, cfg.seed, cfg.data.crop_scale, cfg.data.hflip)
+        return ViewRecipe(cfg.train.target_views, cfg.seed, cfg.data.crop_scale, cfg.data.hflip,
+                          randaugment=cfg.data.randaugment == "consistent")
     return None
 
 
@@ -61,6 +63,8 @@ class TargetLookup:
             view_ids = stored_view_ids(n, v, self.store.n_views - 1, g).reshape(-1)[mine]
             return self.store.views(rows, view_ids), self.store.targets(rows, view_ids)
         views = sample_views(n * v, g, d.crop_scale, hflip=d.hflip, per_batch=d.augment_per == "batch")
+        if d.randaugment == "consistent":  # drawn with the view, so the teacher below renders the same ops
+            views.augment = sample_randaugment(n * v, g)
         views = views.rows(mine.start, mine.stop)
         if self.store is not None:
             return views, self.store.targets(rows, torch.zeros_like(rows))

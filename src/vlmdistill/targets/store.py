@@ -10,6 +10,7 @@ the key's digest so stores for different keys coexist::
     <cache_dir>/targets/<digest>/manifest.json        key, N, V, D, shard size, dtype, per-shard files
     <cache_dir>/targets/<digest>/00000.feats.f16      raw fp16 embeddings [n, V, D], memory-mapped
     <cache_dir>/targets/<digest>/00000.meta.safetensors  boxes [n, V, 4] f32, flips [n, V], valid [n]
+                                                         (+ augment [n, V, 2] RandAugment codes, when drawn)
 
 Shards hold ``shard_size`` consecutive images. Each is written atomically (temp file + ``os.replace``)
 and only then recorded, with its row range and the sha256 and size of its files, in the manifest
@@ -100,7 +101,8 @@ def store_key(teacher: Teacher, source: ImageSource, recipe: ViewRecipe) -> dict
         "preprocess": f"base={source.base_size},resize={resize},interp={source.interpolation},"
                       f"size={teacher.image_size},{RENDER_VERSION}{decode}",
         "images": images_fingerprint(source),
-        "views": f"n={recipe.n_views},seed={recipe.seed},scale={recipe.crop_scale},hflip={recipe.hflip}",
+        "views": f"n={recipe.n_views},seed={recipe.seed},scale={recipe.crop_scale},hflip={recipe.hflip}"
+                 + (",randaugment=2x9" if recipe.randaugment else ""),
     }
 
 
@@ -144,6 +146,7 @@ class TargetStore:
     boxes: torch.Tensor
     flips: torch.Tensor
     valid: torch.Tensor
+    augment: torch.Tensor | None = None
 
     @property
     def n_views(self) -> int:
@@ -157,7 +160,8 @@ class TargetStore:
         return torch.from_numpy(np.concatenate([s.feats for s in self.shards]))
 
     def views(self, index: torch.Tensor, view_ids: torch.Tensor) -> Views:
-        return Views(self.boxes[index, view_ids], self.flips[index, view_ids])
+        augment = None if self.augment is None else self.augment[index, view_ids]
+        return Views(self.boxes[index, view_ids], self.flips[index, view_ids], augment)
 
     def targets(self, index: torch.Tensor, view_ids: torch.Tensor) -> torch.Tensor:
         """Unnormalised fp32 teacher embeddings of the given images under the given views.
@@ -182,7 +186,8 @@ def store_footprint(store: TargetStore) -> dict[str, float]:
     """Disk bytes (all shard files and the manifest) and the resident metadata, per image-view."""
     disk = sum(f.stat().st_size for f in store.path.iterdir() if not f.name.startswith("."))
     n, v = len(store.valid), store.n_views
-    ram = sum(t.numel() * t.element_size() for t in (store.boxes, store.flips, store.valid))
+    held = (store.boxes, store.flips, store.valid, *([store.augment] if store.augment is not None else []))
+    ram = sum(t.numel() * t.element_size() for t in held)
     return {
         "n_images": n,
         "n_views": v,
@@ -226,7 +231,8 @@ def _load(directory: Path, manifest: StoreManifest) -> TargetStore:
     empty = {"boxes": torch.zeros(0, v, 4), "flips": torch.zeros(0, v, dtype=torch.bool),
              "valid": torch.zeros(0, dtype=torch.bool)}
     boxes, flips, valid = (torch.cat([empty[name]] + [m[name] for m in metas]) for name in empty)
-    return TargetStore(directory, manifest.key, manifest.shard_size, d, shards, boxes, flips, valid)
+    augment = torch.cat([m["augment"] for m in metas]) if metas and "augment" in metas[0] else None
+    return TargetStore(directory, manifest.key, manifest.shard_size, d, shards, boxes, flips, valid, augment)
 
 
 def load_store(cache_dir: Path, key: dict[str, str]) -> TargetStore:
