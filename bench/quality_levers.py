@@ -43,7 +43,6 @@ RESULTS = Path(__file__).parent / "results"
 KD_POOL = ("loss.kd.weight=1", "loss.kd.on=pool")
 EMA = "train.ema_decay=0.99"  # a horizon of ~100 steps: a third of the full demo's 300 steps
 WIDE = "student.model_kwargs={channels: [48, 72, 72, 144], stem_width: 24}"  # 1.5x test_resnet's widths
-LEFT_OUT: dict[str, str] = {}
 
 
 def lever_rows(scale: DemoScale) -> tuple[Row, ...]:
@@ -168,8 +167,6 @@ def print_table(rows: dict[str, Any], teachers: dict[str, Any]) -> None:
         print(f"| {r['label']} | {cell(r['id'])} | {cell(r['ood'])} | {r['delta_ood']['mean']:+.1f} ± "
               f"{r['delta_ood']['std']:.1f} | {r['ood_over_teacher']:.2f} | {r['student_images']:.0f} | "
               f"{r['gflops']:.1f} | {r['train_seconds']:.0f} |")
-    for lever, why in LEFT_OUT.items():
-        print(f"left out: {lever}: {why}")
 
 
 def main() -> None:
@@ -207,7 +204,7 @@ def main() -> None:
     atomic_write_json(RESULTS / f"quality_levers{suffix}.json", {
         "quick": args.quick, "seeds": args.seeds, "world_seed": args.world_seed, "overrides": args.overrides,
         "teachers": {k: {m: v[m] for m in ("id", "ood")} for k, v in teachers.items()}, "rows": rows,
-        "left_out": LEFT_OUT, "leak": "every figure is read off this world's OOD split; a default chosen from it "
+        "leak": "every figure is read off this world's OOD split; a default chosen from it "
                                       "must be validated on another world (--world-seed)",
         "machine": base["machine"], "seconds": sum(s["seconds"] for _, s in summaries.values())})
 
