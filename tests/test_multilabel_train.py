@@ -199,3 +199,33 @@ def test_divergence_is_recorded_as_a_failure_not_a_result(ml_overrides: list[str
     assert results["failure"] == {"kind": "diverged", "step": err.value.step, "what": "loss term asl is nan",
                                   "checkpoint": "no checkpoint was saved yet"}
     assert results["train"]["steps"] == err.value.step and results["train"]["seconds"] is None
+
+
+def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(ml_overrides: list[str], tmp_path: Path) -> None:
+    """A real process SIGKILLed once its first checkpoint is written resumes to the uninterrupted run's weights,
+    bit for bit (both in forked processes, one thread each)."""
+    import os
+    import signal
+    import time
+
+    from _child import Child
+    from vlmdistill.checkpoint import checkpoint_units
+
+    common = ["train", "-", *ml_overrides, "loss.imcst.weight=1", "optim.epochs=3"]
+    full = Child([*common, "name=ml_full"], tmp_path / "full.log")
+    killed = Child([*common, "name=ml_killed"], tmp_path / "killed.log")
+    run = load_config(None, [*ml_overrides, "name=ml_killed"]).run_dir
+    end = time.monotonic() + 120
+    while not checkpoint_units(run):
+        assert killed.proc.is_alive() and time.monotonic() < end, killed.output()
+        time.sleep(0.002)
+    os.kill(killed.pid, signal.SIGKILL)
+    assert killed.wait() == -signal.SIGKILL, killed.output()
+    assert not RunFolder(run).is_complete()
+    resumed = Child([*common, "name=ml_killed", "--resume"], tmp_path / "resumed.log")
+    assert resumed.wait() == 0, resumed.output()
+    assert full.wait() == 0, full.output()
+    a, b = (RunFolder(load_config(None, [*ml_overrides, f"name={n}"]).run_dir).student().weights
+            for n in ("ml_full", "ml_killed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert read_json(run / "results.json")["complete"] is True
