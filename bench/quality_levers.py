@@ -83,38 +83,41 @@ def ensemble_override(first: tuple[Path, Path], second: tuple[Path, Path]) -> st
                                      "batch_size": 512} for c, k in (first, second)])
 
 
-def demo_teachers(cache: Path, scale: DemoScale, progress: bool) -> dict[str, tuple[Path, Path]]:
-    """(config, checkpoint) of the demo teacher (seed 0), of one trained the same way from seed 1 (its own text
-    projection: an image space unrelated to the first's), and of one from seed 1 trained into the first's locked
-    text space (``aligned``: the ensemble the mean of image targets is meant for)."""
+def demo_teachers(cache: Path, scale: DemoScale, progress: bool, groups: set[str]) -> dict[str, tuple[Path, Path]]:
+    """(config, checkpoint) of the demo teacher (seed 0) and, as ``groups`` need them, of one trained the same way
+    from seed 1 (its own text projection: an image space unrelated to the first's) and of one from seed 1 trained
+    into the first's locked text space (``aligned``: the ensemble the mean of image targets is meant for)."""
     _, cfg0, ckpt0 = setup(cache, scale, progress)
     tag, epochs, world = scale.world.tag, scale.teacher_epochs, world_dir(cache, scale)
     recipe = TeacherRecipe(epochs=epochs, seed=1)
-    return {"first": (cfg0, ckpt0),
-            "seed1": train_teacher(world, cache / "demo" / f"teacher-{tag}-e{epochs}-seed1", scale.world.image_size,
-                                   recipe, progress),
-            "aligned": train_teacher(world, cache / "demo" / f"teacher-{tag}-e{epochs}-seed1-text0",
-                                     scale.world.image_size, recipe, progress, text_from=ckpt0)}
+    teachers = {"first": (cfg0, ckpt0)}
+    if groups & {"ensemble", "teacher2"}:
+        teachers["seed1"] = train_teacher(world, cache / "demo" / f"teacher-{tag}-e{epochs}-seed1",
+                                          scale.world.image_size, recipe, progress)
+    if groups & {"ensemble_aligned", "teacher2_aligned"}:
+        teachers["aligned"] = train_teacher(world, cache / "demo" / f"teacher-{tag}-e{epochs}-seed1-text0",
+                                            scale.world.image_size, recipe, progress, text_from=ckpt0)
+    return teachers
 
 
 TEACHER_GROUPS = ("ensemble", "teacher2", "ensemble_aligned", "teacher2_aligned")
 
 
 def teacher_rows(teachers: dict[str, tuple[Path, Path]]) -> dict[str, tuple[Row, ...]]:
-    """Row groups that need a workspace of their own (another teacher): each ensemble and its partner alone."""
+    """Row groups that need a workspace of their own (another teacher): each ensemble and its partner alone, for
+    the teachers at hand."""
     def alone(label: str, t: tuple[Path, Path]) -> tuple[Row, ...]:
         return (Row("best_desc", label, (*BEST_DESC, f"teacher.model_config={t[0]}", f"teacher.checkpoint={t[1]}")),)
 
-    first, seed1, aligned = teachers["first"], teachers["seed1"], teachers["aligned"]
-    groups = {
-        "ensemble": (Row("best_desc", "teacher ensemble: demo teacher + seed-1 teacher (unaligned spaces)",
-                         (*BEST_DESC, ensemble_override(first, seed1))),),
-        "teacher2": alone("control: the seed-1 teacher alone", seed1),
-        "ensemble_aligned": (Row("best_desc", "teacher ensemble: demo teacher + seed-1 teacher in its text space",
-                                 (*BEST_DESC, ensemble_override(first, aligned))),),
-        "teacher2_aligned": alone("control: the aligned seed-1 teacher alone", aligned),
-    }
-    assert tuple(groups) == TEACHER_GROUPS
+    first, groups = teachers["first"], {}
+    if "seed1" in teachers:
+        groups["ensemble"] = (Row("best_desc", "teacher ensemble: demo teacher + seed-1 teacher (unaligned spaces)",
+                                  (*BEST_DESC, ensemble_override(first, teachers["seed1"]))),)
+        groups["teacher2"] = alone("control: the seed-1 teacher alone", teachers["seed1"])
+    if "aligned" in teachers:
+        groups["ensemble_aligned"] = (Row("best_desc", "teacher ensemble: demo teacher + seed-1 teacher in its "
+                                          "text space", (*BEST_DESC, ensemble_override(first, teachers["aligned"]))),)
+        groups["teacher2_aligned"] = alone("control: the aligned seed-1 teacher alone", teachers["aligned"])
     return groups
 
 
@@ -186,8 +189,9 @@ def main() -> None:
     overrides = ["train.analysis=false", *args.overrides]
     wanted = set(args.rows.split(",")) | {"best_desc", "main"} if args.rows else None
     all_groups = {"main": lever_rows(scale)}
-    if wanted is None or wanted & set(TEACHER_GROUPS):  # trains the extra teachers only when asked
-        all_groups |= teacher_rows(demo_teachers(args.cache_dir, scale, progress=False))
+    asked = set(TEACHER_GROUPS) if wanted is None else wanted & set(TEACHER_GROUPS)
+    if asked:  # trains the extra teachers only when asked
+        all_groups |= teacher_rows(demo_teachers(args.cache_dir, scale, progress=False, groups=asked))
     groups = [(g, tuple(r for r in rows if wanted is None or g != "main" or r.key in wanted))
               for g, rows in all_groups.items() if wanted is None or g in wanted]
     summaries = {}
