@@ -42,6 +42,14 @@ from vlmdistill.students import create_student
 RESULTS = Path(__file__).parent / "results"
 KD_POOL = ("loss.kd.weight=1", "loss.kd.on=pool")
 EMA = "train.ema_decay=0.99"  # a horizon of ~100 steps: a third of the full demo's 300 steps
+
+
+def patient(epochs: int) -> tuple[str, ...]:
+    """Function matching as "a good teacher is patient and consistent" (Beyer et al., CVPR 2022) puts it: a long
+    schedule, the teacher's target of the very (augmented) view, its full distribution (KD), weight averaging."""
+    return (f"optim.epochs={4 * epochs}", "data.randaugment=consistent", "loss.kd.weight=1", EMA)
+
+
 WIDE = "student.model_kwargs={channels: [48, 72, 72, 144], stem_width: 24}"  # 1.5x test_resnet's widths
 
 
@@ -72,8 +80,10 @@ def lever_rows(scale: DemoScale) -> tuple[Row, ...]:
         Row("ema", "+ EMA of the weights (decay 0.99)", (*BEST_DESC, EMA)),
         Row("wide_eq", "wider student (1.5x channels), epochs for equal FLOPs",
             (*BEST_DESC, WIDE, f"optim.epochs={max(1, round(e / 2.25))}")),
-        Row("combined", "candidate: pool 4x ratio 4 + KD on pool + 2 views + EMA",
-            (*BEST_DESC, "data.unlabeled_ratio=4", *KD_POOL, "train.views_per_step=2", EMA), pool=("full", 4)),
+        Row("patient", "candidate, no pool: a patient and consistent teacher (4x epochs, consistent RandAugment, "
+            "KD on the labelled images, EMA)", (*BEST_DESC, *patient(e))),
+        Row("patient_pool", "candidate, pool 1x: the same, KD on labelled and pool rows",
+            (*BEST_DESC, *patient(e)), pool=("full", 1)),
     )
 
 
