@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from vlmdistill.demo.run import BEST_DESC, DemoScale, Row, run_demo, setup, world_dir
+from vlmdistill.demo.run import BEST_DESC, PATIENT, DemoScale, Row, run_demo, setup, world_dir
 from vlmdistill.demo.teacher import TeacherRecipe, train_teacher
 from vlmdistill.io import atomic_write_json
 from vlmdistill.runfolder import RunFolder
@@ -42,12 +42,6 @@ from vlmdistill.students import create_student
 RESULTS = Path(__file__).parent / "results"
 KD_POOL = ("loss.kd.weight=1", "loss.kd.on=pool")
 EMA = "train.ema_decay=0.99"  # a horizon of ~100 steps: a third of the full demo's 300 steps
-
-
-def patient(epochs: int) -> tuple[str, ...]:
-    """Function matching as "a good teacher is patient and consistent" (Beyer et al., CVPR 2022) puts it: a long
-    schedule, the teacher's target of the very (augmented) view, its full distribution (KD), weight averaging."""
-    return (f"optim.epochs={4 * epochs}", "data.randaugment=consistent", "loss.kd.weight=1", EMA)
 
 
 WIDE = "student.model_kwargs={channels: [48, 72, 72, 144], stem_width: 24}"  # 1.5x test_resnet's widths
@@ -81,9 +75,9 @@ def lever_rows(scale: DemoScale) -> tuple[Row, ...]:
         Row("wide_eq", "wider student (1.5x channels), epochs for equal FLOPs",
             (*BEST_DESC, WIDE, f"optim.epochs={max(1, round(e / 2.25))}")),
         Row("patient", "candidate, no pool: a patient and consistent teacher (4x epochs, consistent RandAugment, "
-            "KD on the labelled images, EMA)", (*BEST_DESC, *patient(e))),
+            "KD on the labelled images, EMA)", (*BEST_DESC, *PATIENT), epochs_factor=4),
         Row("patient_pool", "candidate, pool 1x: the same, KD on labelled and pool rows",
-            (*BEST_DESC, *patient(e)), pool=("full", 1)),
+            (*BEST_DESC, *PATIENT), pool=("full", 1), epochs_factor=4),
     )
 
 

@@ -31,7 +31,8 @@ def test_quick_demo_writes_report(tmp_path: Path) -> None:
     report = (out / "report.md").read_text()
     assert "The paper's findings, checked" in report
     assert f"Student: {exported:,} parameters" in report
-    assert "mean of the last 4 evaluations of its run" in report  # --quick trains 4 epochs, all in the tail
+    # --quick trains 4 epochs, all in the tail; the patient row 16, of which the last 5 count
+    assert "mean of the last 4 or 5 evaluations of its run" in report
     assert "mean of the last 2 evaluations of the fine-tuning" in report
     for png in ("ood_by_variant.png", "training_curves.png", "embeddings_2d.png"):
         assert (out / png).stat().st_size > 1000
