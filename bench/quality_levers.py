@@ -74,6 +74,9 @@ def lever_rows(scale: DemoScale) -> tuple[Row, ...]:
         Row("ema", "+ EMA of the weights (decay 0.99)", (*BEST_DESC, EMA)),
         Row("wide_eq", "wider student (1.5x channels), epochs for equal FLOPs",
             (*BEST_DESC, WIDE, f"optim.epochs={max(1, round(e / 2.25))}")),
+        Row("paper", "paper mode (every mode: paper switch), for the goal's ratio", (*BEST_DESC, "mode=paper")),
+        Row("paper_e4", "paper mode, 4x epochs (the patient rows' compute)", (*BEST_DESC, "mode=paper"),
+            epochs_factor=4),
         Row("patient", "candidate, no pool: a patient and consistent teacher (4x epochs, consistent RandAugment, "
             "KD on the labelled images, EMA)", (*BEST_DESC, *PATIENT), epochs_factor=4),
         Row("patient_pool", "candidate, pool 1x: the same, KD on labelled and pool rows",
