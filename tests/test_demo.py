@@ -56,4 +56,4 @@ def test_quick_demo_time_is_one_figure_everywhere() -> None:
     help_text = next(p.help for p in demo.params if p.name == "quick")
     mentions = [ln for ln in readme.splitlines() if "--quick" in ln] + [help_text]
     durations = {d for ln in mentions for d in re.findall(r"(?:about |~)?\d+(?:-\d+)? ?(?:s|min)\b|one-minute", ln)}
-    assert durations == {"about 30 s"}, durations
+    assert durations == {"about 25 s"}, durations

@@ -286,7 +286,7 @@ def _multilabel_fewshot(cfg: Any, from_run: Path) -> None:
 
 @app.command()
 def demo(
-    quick: Annotated[bool, typer.Option(help="Small world, short training (about 30 s on 2 cores); the tests "
+    quick: Annotated[bool, typer.Option(help="Small world, short training (about 25 s on 2 cores); the tests "
                                              "run it.")] = False,
     seeds: Annotated[int, typer.Option(help="Run every variant with seeds 0..N-1; the table shows mean ± std.")] = 1,
     out: Annotated[Path, typer.Option(help="Runs, report.md, results.json and plots go here.")] = Path("runs/demo"),
