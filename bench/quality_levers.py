@@ -33,15 +33,14 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from vlmdistill.demo.run import BEST_DESC, PATIENT, DemoScale, Row, run_demo, setup, world_dir
+from vlmdistill.demo.run import BEST_DESC, EMA, KD, PATIENT, DemoScale, Row, run_demo, setup, world_dir
 from vlmdistill.demo.teacher import TeacherRecipe, train_teacher
 from vlmdistill.io import atomic_write_json
 from vlmdistill.runfolder import RunFolder
 from vlmdistill.students import create_student
 
 RESULTS = Path(__file__).parent / "results"
-KD_POOL = ("loss.kd.weight=1", "loss.kd.on=pool")
-EMA = "train.ema_decay=0.99"  # a horizon of ~100 steps: a third of the full demo's 300 steps
+KD_POOL = (KD, "loss.kd.on=pool")
 
 
 WIDE = "student.model_kwargs={channels: [48, 72, 72, 144], stem_width: 24}"  # 1.5x test_resnet's widths
@@ -60,7 +59,7 @@ def lever_rows(scale: DemoScale) -> tuple[Row, ...]:
         Row("pool1x_kd", "+ pool 1x + label-free KD on pool rows", (*BEST_DESC, *KD_POOL), pool=("full", 1)),
         Row("pool4x_r4_kd", "+ pool 4x, ratio 4 + KD on pool rows", (*BEST_DESC, "data.unlabeled_ratio=4", *KD_POOL),
             pool=("full", 4)),
-        Row("kd", "+ label-free KD on the labelled images", (*BEST_DESC, "loss.kd.weight=1")),
+        Row("kd", "+ label-free KD on the labelled images", (*BEST_DESC, KD)),
         Row("epochs2x", "+ 2x epochs (a patient teacher)", (*BEST_DESC, f"optim.epochs={2 * e}")),
         Row("epochs4x", "+ 4x epochs", (*BEST_DESC, f"optim.epochs={4 * e}")),
         Row("views2", "+ 2 views per image per step", (*BEST_DESC, "train.views_per_step=2")),

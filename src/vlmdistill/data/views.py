@@ -34,12 +34,9 @@ class Views:
         return self.boxes.shape[0]
 
     def __getitem__(self, index: Any) -> Views:
-        """The views at ``index`` (of the leading dimensions), each with its boxes, flip and RandAugment draws."""
+        """The views at ``index`` (of the leading dimensions), each with its boxes, flip and RandAugment draws;
+        a slice of rows is one rank's share of views drawn for a whole global batch."""
         return Views(self.boxes[index], self.flips[index], None if self.augment is None else self.augment[index])
-
-    def rows(self, start: int, stop: int) -> Views:
-        """Views [start, stop): one rank's share of views drawn for a whole global batch."""
-        return self[start:stop]
 
     @classmethod
     def whole(cls, n: int) -> Views:

@@ -40,7 +40,9 @@ from vlmdistill.workspace import Workspace, build_workspace
 
 BEST = ["loss.imcst.weight=1", "loss.vlalign.weight=1"]
 BEST_DESC = (*BEST, "text.use_descriptions=true")
-PATIENT = ("data.randaugment=consistent", "loss.kd.weight=1", "train.ema_decay=0.99")
+KD = "loss.kd.weight=1"
+EMA = "train.ema_decay=0.99"  # a horizon of ~100 steps: a third of the full demo's 300 steps
+PATIENT = ("data.randaugment=consistent", KD, EMA)
 """With 4x the epochs, "a good teacher is patient and consistent" (Beyer et al., CVPR 2022): the teacher's target of
 the very augmented view, its whole distribution over the class texts (KD), and a weight average (README, "Closing
 the gap to the teacher")."""

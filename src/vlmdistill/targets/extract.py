@@ -36,6 +36,7 @@ class ViewRecipe:
     hflip: bool
     randaugment: bool = False
 
+
 def _all_views(n_images: int, recipe: ViewRecipe) -> Views:
     """Whole image first, then K random views per image, from one seeded generator."""
     whole = Views.whole(n_images)

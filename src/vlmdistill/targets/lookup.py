@@ -65,7 +65,7 @@ class TargetLookup:
         views = sample_views(n * v, g, d.crop_scale, hflip=d.hflip, per_batch=d.augment_per == "batch")
         if d.randaugment == "consistent":  # drawn with the view, so the teacher below renders the same ops
             views.augment = sample_randaugment(n * v, g)
-        views = views.rows(mine.start, mine.stop)
+        views = views[mine]
         if self.store is not None:
             return views, self.store.targets(rows, torch.zeros_like(rows))
         if self.teacher is not None:

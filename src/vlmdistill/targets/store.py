@@ -186,8 +186,8 @@ def store_footprint(store: TargetStore) -> dict[str, float]:
     """Disk bytes (all shard files and the manifest) and the resident metadata, per image-view."""
     disk = sum(f.stat().st_size for f in store.path.iterdir() if not f.name.startswith("."))
     n, v = len(store.valid), store.n_views
-    held = (store.boxes, store.flips, store.valid, *([store.augment] if store.augment is not None else []))
-    ram = sum(t.numel() * t.element_size() for t in held)
+    held = (store.boxes, store.flips, store.valid, store.augment)
+    ram = sum(t.numel() * t.element_size() for t in held if t is not None)
     return {
         "n_images": n,
         "n_views": v,
@@ -230,9 +230,10 @@ def _load(directory: Path, manifest: StoreManifest) -> TargetStore:
         metas.append(load((directory / entry.meta.name).read_bytes()))
     empty = {"boxes": torch.zeros(0, v, 4), "flips": torch.zeros(0, v, dtype=torch.bool),
              "valid": torch.zeros(0, dtype=torch.bool)}
-    boxes, flips, valid = (torch.cat([empty[name]] + [m[name] for m in metas]) for name in empty)
-    augment = torch.cat([m["augment"] for m in metas]) if metas and "augment" in metas[0] else None
-    return TargetStore(directory, manifest.key, manifest.shard_size, d, shards, boxes, flips, valid, augment)
+    if metas and "augment" in metas[0]:  # RandAugment codes, in stores extracted with them
+        empty["augment"] = torch.zeros(0, v, metas[0]["augment"].shape[-1], dtype=metas[0]["augment"].dtype)
+    held = {name: torch.cat([empty[name]] + [m[name] for m in metas]) for name in empty}
+    return TargetStore(directory, manifest.key, manifest.shard_size, d, shards, **held)
 
 
 def load_store(cache_dir: Path, key: dict[str, str]) -> TargetStore:
