@@ -78,3 +78,29 @@ def test_params_are_checked() -> None:
         ClutterParams(n_id=5)
     with pytest.raises(ValueError, match="unknown splits"):
         generate_clutter(Path("unused"), PARAMS, {"test": 1})
+
+
+def _run_result(acc: float, f1: float, m: float) -> dict:
+    """One row's results.json as the clutter demo reads it: the same numbers in every column, zero- and few-shot."""
+    columns = {c: {"accuracy": acc, "f1": f1, "map": m} for c in ("x_id", "y_id_on_ood", "y_ood_on_ood")}
+    return {"metrics_last_avg": columns, "fewshot": {"finetune": columns}, "train": {"seconds": 10.0}}
+
+
+def test_clutter_table_and_verdicts(tmp_path: Path) -> None:
+    """Means ± sample std over seeds per cell; the teacher's mAP heads the mAP table; L_im-cst's verdict per OOD
+    column is the comparison of means, flagged when the gap is within one seed std."""
+    from vlmdistill.demo.clutter_run import _write
+
+    per_row = {"ml_cls": [_run_result(50, 20, 30), _run_result(52, 22, 31), _run_result(54, 24, 32)],
+               "ml_imcst": [_run_result(60, 21, 20), _run_result(62, 23, 21), _run_result(64, 25, 22)]}
+    teacher = {c: {"map": 40.0} for c in ("x_id", "y_id_on_ood", "y_ood_on_ood")}
+    summary = _write(tmp_path, per_row, teacher, 3, 5.0)
+    acc = summary["rows"]["ml_cls"]["metrics"]["ml_ood_on_ood_acc"]
+    assert acc["mean"] == pytest.approx(52.0) and acc["std"] == pytest.approx(2.0) and acc["values"] == [50, 52, 54]
+    report = (tmp_path / "clutter.md").read_text()
+    assert "| L_cls (head + ASL) | 52.0±2.0 / 52.0±2.0 | 52.0±2.0 / 52.0±2.0 | 52.0±2.0 / 52.0±2.0 |" in report
+    assert "| teacher (hand camera) | 40.0 / NA | 40.0 / NA | 40.0 / NA |" in report
+    verdicts = {line.split(":")[0]: line for line in report.splitlines() if line.startswith("- ")}
+    assert "holds (52.0±2.0 -> 62.0±2.0)" in verdicts["- L_im-cst raises Y_ood on X_ood acc"]
+    assert "holds (22.0±2.0 -> 23.0±2.0, within noise)" in verdicts["- L_im-cst raises Y_ood on X_ood F1"]
+    assert "does not hold (31.0±1.0 -> 21.0±1.0)" in verdicts["- L_im-cst raises Y_id on X_ood mAP few-shot"]

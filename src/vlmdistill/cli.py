@@ -199,22 +199,23 @@ def evaluate(
     teacher_only: Annotated[bool, typer.Option(help="Score the teacher's own zero-shot instead.")] = False,
 ) -> None:
     """Zero-shot ID / OOD / generalized accuracy of a trained student, or of the teacher alone; a multi-label
-    run's Table 12 columns (accuracy, F1, mAP)."""
+    run's Table 12 columns (accuracy, F1, mAP; the teacher alone: mAP on the camera it sees)."""
     from vlmdistill.data.multilabel_set import is_multilabel
     from vlmdistill.evaluate import eval_results_path, evaluate_run, evaluate_teacher
-    from vlmdistill.mltrain import evaluate_multilabel_run
+    from vlmdistill.mltrain import evaluate_multilabel_run, evaluate_multilabel_teacher
     from vlmdistill.report import comparison_rows, rich_table
     from vlmdistill.workspace import build_workspace
 
     cfg = _load(config, overrides)
     if is_multilabel(cfg.data.dir):
         if teacher_only:
-            console.print(f"[bold red]error:[/] --teacher-only scores single-label data; {cfg.data.dir} holds "
-                          "multi-label scenes, and a teacher has no learned presence threshold to score them with")
-            raise typer.Exit(2)
-        results = _run(evaluate_multilabel_run, cfg, run or cfg.run_dir)
+            results = _run(evaluate_multilabel_teacher, cfg)
+            written = cfg.run_dir / "teacher" / "results.json"
+        else:
+            results = _run(evaluate_multilabel_run, cfg, run or cfg.run_dir)
+            written = eval_results_path(cfg, run or cfg.run_dir)
         out_console.print(rich_table(*comparison_rows([results])))
-        _skipped_line(results, eval_results_path(cfg, run or cfg.run_dir))
+        _skipped_line(results, written)
         return
     ws = _run(build_workspace, cfg)
     if teacher_only:

@@ -4,6 +4,9 @@ Three columns: ``x_id`` (ID names on the ID validation scenes), ``y_id_on_ood`` 
 names and the OOD names on the OOD scenes, scored together against every name, then read per group). Each
 holds ``accuracy`` and ``f1`` (Table 12 a, b; macro precision and recall, ``multilabel.metrics``), their
 ``precision`` and ``recall``, and ``map``. Names enter only through text, so the OOD names are scored zero-shot.
+
+``score_teacher`` is the reference a student is measured against: the teacher's own zero-shot on the camera
+it sees, mAP only (a teacher has no presence threshold, so accuracy and F1 are undefined for it).
 """
 
 from __future__ import annotations
@@ -12,14 +15,16 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from vlmdistill.config import ExperimentConfig
 from vlmdistill.data.scenes import SceneSource
 from vlmdistill.data.views import Views, render
 from vlmdistill.multilabel.labels import multi_hot
 from vlmdistill.multilabel.metrics import mean_average_precision, presence_metrics
-from vlmdistill.multilabel.model import MultiLabelModel, Text, head_text
+from vlmdistill.multilabel.model import MultiLabelModel, Text, head_text, object_texts
 from vlmdistill.teachers.base import Teacher
+from vlmdistill.text.textbank import embed_texts
 
 COLUMNS = ("x_id", "y_id_on_ood", "y_ood_on_ood")
 
@@ -70,4 +75,32 @@ def score_scenes(model: MultiLabelModel, cfg: ExperimentConfig, teacher: Teacher
         out["y_id_on_ood"] = column_metrics(model, prob, target, range(len(id_names)))
         out["y_ood_on_ood"] = column_metrics(model, prob, target, range(len(id_names), len(names)))
     model.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def score_teacher(cfg: ExperimentConfig, teacher: Teacher, x_id: SceneSource, x_ood: SceneSource,
+                  id_names: Sequence[str], ood_names: Sequence[str],
+                  descriptions: dict[str, str] | None = None) -> dict[str, Any]:
+    """The teacher's zero-shot mAP per column: cosine of its ``data.teacher_camera`` RGB embedding (centre view)
+    to the names' fixed prompts (``object_texts``: the template, or descriptions when the run uses them).
+    It sees one camera, so objects outside that view count against it as they would against any model."""
+    names = [*id_names, *ood_names]
+    text = F.normalize(embed_texts(teacher, object_texts(cfg, names, descriptions), cfg.cache_dir), dim=-1)
+    n_id = len(id_names)
+    out: dict[str, Any] = {}
+    for source, groups in ((x_id, {"x_id": range(n_id)}),
+                           (x_ood, {"y_id_on_ood": range(n_id), "y_ood_on_ood": range(n_id, len(names))})):
+        rgb = source.camera_rgb(cfg.data.teacher_camera)
+        scores, index = [], []
+        for batch in rgb.iter_batches(list(torch.arange(len(rgb)).split(cfg.optim.eval_batch_size))):
+            pixels = render(batch.images, Views.center(len(batch.index), cfg.data.eval_crop), teacher.image_size)
+            scores.append(F.normalize(teacher.encode_images(pixels), dim=-1).cpu() @ text.T.cpu())
+            index.append(batch.index)
+        if not scores:
+            continue
+        target = multi_hot([source.records[i].objects for i in torch.cat(index).tolist()], names)
+        scored = torch.cat(scores)
+        for key, classes in groups.items():
+            out[key] = {"map": mean_average_precision(scored, target, classes)}
     return out

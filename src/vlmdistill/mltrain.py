@@ -14,14 +14,14 @@ from typing import Any
 
 import torch
 
-from vlmdistill.config import ConfigError, ExperimentConfig
+from vlmdistill.config import ConfigError, ExperimentConfig, save_config
 from vlmdistill.data.multilabel_set import MultiLabelSet, open_multilabel
 from vlmdistill.evaluate import eval_results_path
 from vlmdistill.integrity import Diverged
 from vlmdistill.io import atomic_write_json, read_json
 from vlmdistill.loop import FitResult, fit
 from vlmdistill.mlapi import load_multilabel
-from vlmdistill.mlevaluate import score_scenes
+from vlmdistill.mlevaluate import score_scenes, score_teacher
 from vlmdistill.mltask import MultiLabelTask, scene_source, train_set_of
 from vlmdistill.results import RunResults
 from vlmdistill.resume_check import config_history
@@ -78,9 +78,24 @@ def evaluate_multilabel_run(cfg: ExperimentConfig, run_dir: Path) -> dict[str, A
     student = {"id": saved.model.student.spec.id, "params": count_parameters(saved.model.student),
                "head_params": count_parameters(saved.model.head)}
     results = RunResults.start("eval", cfg, str(run_dir), str(run_dir), saved.teacher, student, metrics)
-    skipped = sorted({k for s in (x_id, x_ood) for k in s.bad_keys})
-    results.data = {"skipped_images": len(skipped), "skipped": skipped}
+    results.data = skipped_data([x_id, x_ood])
     atomic_write_json(eval_results_path(cfg, Path(run_dir)), results.to_dict())
+    return results.to_dict()
+
+
+def evaluate_multilabel_teacher(cfg: ExperimentConfig, out_dir: Path | None = None) -> dict[str, Any]:
+    """The teacher's own zero-shot mAP on ``cfg``'s scenes (``score_teacher``: the camera it sees, no threshold),
+    the reference a multi-label student is read against; written to ``<run>/teacher/results.json`` as the
+    single-label teacher's is, so a trained run's own results are never replaced."""
+    out_dir = Path(out_dir) if out_dir is not None else cfg.run_dir / "teacher"
+    ds = open_multilabel(cfg.data.dir)
+    teacher = load_teacher(cfg.teacher)
+    x_id, x_ood = scene_source(cfg, ds, "val_on_train"), scene_source(cfg, ds, "val")
+    metrics = score_teacher(cfg, teacher, x_id, x_ood, ds.id_objects, ds.ood_objects, object_descriptions(cfg, ds))
+    results = RunResults.start("teacher", cfg, f"{cfg.name} (teacher)", str(out_dir), teacher, None, metrics)
+    results.data = skipped_data([x_id, x_ood])
+    save_config(cfg, out_dir / "config.yaml")
+    atomic_write_json(out_dir / "results.json", results.to_dict())
     return results.to_dict()
 
 
@@ -93,8 +108,13 @@ def results_of(task: MultiLabelTask, teacher: Teacher, fitted: FitResult, source
                "head_params": count_parameters(task.student.head)}
     results = RunResults.of_training(cfg, teacher, student, fitted.state.history, fitted.complete)
     results.config_changes = config_history(cfg.run_dir)
-    skipped = sorted({k for s in sources for k in s.bad_keys} | set(ds.skipped))
-    results.data = {"skipped_images": len(skipped), "skipped": skipped}
+    results.data = skipped_data(sources, ds.skipped)
     results.train = {"steps": fitted.state.step, "seconds": round(fitted.seconds, 2), "targets": task.targets.kind,
                      "processes": 1, "threads": torch.get_num_threads()}
     return results
+
+
+def skipped_data(sources: list[Any], at_prepare: tuple[str, ...] = ()) -> dict[str, Any]:
+    """results.json's count and list of bad scenes: skipped at prepare, and since by any of ``sources``."""
+    skipped = sorted({k for s in sources for k in s.bad_keys} | set(at_prepare))
+    return {"skipped_images": len(skipped), "skipped": skipped}

@@ -38,11 +38,13 @@ METRICS: dict[str, Metric] = {
     "ml_x_id_f1": Metric("X_id F1", ("metrics_last_avg", "x_id", "f1")),
     "ml_id_on_ood_f1": Metric("Y_id on X_ood F1", ("metrics_last_avg", "y_id_on_ood", "f1")),
     "ml_ood_on_ood_f1": Metric("Y_ood on X_ood F1", ("metrics_last_avg", "y_ood_on_ood", "f1")),
+    "ml_x_id_map": Metric("X_id mAP", ("metrics_last_avg", "x_id", "map")),
+    "ml_id_on_ood_map": Metric("Y_id on X_ood mAP", ("metrics_last_avg", "y_id_on_ood", "map")),
     "ml_ood_on_ood_map": Metric("Y_ood on X_ood mAP", ("metrics_last_avg", "y_ood_on_ood", "map")),
-    **{f"ml_fs_{key}_{m}": Metric(f"{label} {m} few-shot", ("fewshot", "finetune", column, name))
+    **{f"ml_fs_{key}_{m}": Metric(f"{label} {shown} few-shot", ("fewshot", "finetune", column, name))
        for key, label, column in (("x_id", "X_id", "x_id"), ("id_on_ood", "Y_id on X_ood", "y_id_on_ood"),
                                   ("ood_on_ood", "Y_ood on X_ood", "y_ood_on_ood"))
-       for m, name in (("acc", "accuracy"), ("f1", "f1"))},
+       for m, name, shown in (("acc", "accuracy", "acc"), ("f1", "f1", "F1"), ("map", "map", "mAP"))},
     "m_rel_train": Metric("M_rel train", ("analysis", "train", "m_rel"), percent=False),
     "m_rel_ood": Metric("M_rel OOD", ("analysis", "ood", "m_rel"), percent=False),
     "m_neigh5_ood": Metric("M_neigh@5 OOD", ("analysis", "ood", "m_neigh@5"), percent=False),
