@@ -297,7 +297,7 @@ def demo(
                                              "(4x the train set) and the domain at 1x and 4x.")] = False,
     clutter: Annotated[bool, typer.Option(help="Instead: the robotics experiment (Table 12) on cluttered RGB-D "
                                                "scenes of the world's objects, multi-label, zero- and few-shot "
-                                               "(about 32 min a seed on 2 busy cores; README).")] = False,
+                                               "(about 12 min a seed on 2 cores; README).")] = False,
     overrides: Overrides = None,
 ) -> None:
     """The whole method offline on a generated world: teacher, distilled variants, 5-shot, report."""
