@@ -216,3 +216,48 @@ def test_a_lost_rank_is_one_line_naming_it_the_checkpoint_and_the_resume_command
            "train - " in lines[0]
     assert lines[0].endswith("name=lost optim.epochs=100 --resume (under torchrun, as before)")
     assert "/vlmdistill/" not in out.replace(str(run), "")  # no worker traceback (torchrun's own summary follows)
+
+
+@pytest.fixture(scope="module")
+def ml_common(open_clip_teacher_files: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """A multi-label run (the paper's robotics head and ASL, 8-channel scenes) on built PickClutter h5 files."""
+    from vlmdistill.data.multilabel_set import prepare_multilabel
+    from vlmdistill.demo.clutter import ClutterParams, clutter_classes, generate_clutter
+
+    cfg_path, ckpt = open_clip_teacher_files
+    root = tmp_path_factory.mktemp("ddp-ml")
+    params = ClutterParams(image_size=32, seed=0)
+    files = generate_clutter(root / "h5", params, {"train": 16, "val_on_train": 6, "val": 8})
+    prepare_multilabel(root / "ds", h5=list(files.items()), id_objects=[c.name for c in clutter_classes(params)
+                                                                         if c.is_id])
+    return [f"data.dir={root / 'ds'}", "data.base_size=32", "data.preload=true", f"teacher.model_config={cfg_path}",
+            f"teacher.checkpoint={ckpt}", "teacher.batch_size=16", "student.arch=resnet10t", "student.image_size=32",
+            "student.model_kwargs={channels: [8, 16, 32, 64], stem_width: 8}", "optim.batch_size=6",
+            "optim.eval_batch_size=8", "optim.epochs=2", "optim.lr=0.01", "loss.cls.weight=0", "loss.asl.weight=1",
+            "text.n_ctx=4", "train.progress=false", "train.target_views=3", "train.log_every=1",
+            "train.analysis=false", "train.eval_every=2", "train.average_last=1", f"output_dir={root / 'runs'}",
+            f"cache_dir={root / 'cache'}", "device=cpu", "teacher.device=cpu"]
+
+
+def test_multilabel_two_processes_match_one_per_step(ml_common: list[str]) -> None:
+    """A multi-label run under torchrun: the per-step losses (ASL and L_im-cst) of one process on the same global
+    batches, the same evaluation columns; without L_im-cst (nothing reads the pooled embedding) it runs too, and
+    few-shot finetuning runs in two processes."""
+    common = [*ml_common, "loss.imcst.weight=1"]
+    proc = torchrun(["train", "-", *common, "name=ml-two"])
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    with threads(1):
+        one = distill(load_config(None, [*common, "name=ml-one"]))
+    two = read_json(_run_dir(common, "ml-two") / "results.json")
+    assert two["complete"] and two["train"]["processes"] == 2 and two["train"]["steps"] == one["train"]["steps"] == 6
+    ref, got = losses(_run_dir(common, "ml-one")), losses(_run_dir(common, "ml-two"))
+    assert sorted(ref) == sorted(got) == list(range(1, 7)) and {"train/asl", "train/imcst"} <= set(ref[1])
+    for step in ref:
+        assert_close_losses(got[step], ref[step], step)
+    assert two["metrics"].keys() == one["metrics"].keys() == {"x_id", "y_id_on_ood", "y_ood_on_ood"}
+
+    proc = torchrun(["train", "-", *ml_common, "name=ml-cls", "train.max_steps=2"])
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    proc = torchrun(["fewshot", "-", *common, "name=ml-two", "multilabel.fewshot_scenes=4", "fewshot.epochs=1"])
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    assert read_json(_run_dir(common, "ml-two") / "fewshot.json")["finetune"]["y_ood_on_ood"]["map"] >= 0

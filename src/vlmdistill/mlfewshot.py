@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from vlmdistill import distributed
 from vlmdistill.checkpoint import clear_checkpoints
 from vlmdistill.config import ExperimentConfig
 from vlmdistill.data.dataset import DatasetError
@@ -66,13 +67,16 @@ def run_multilabel_fewshot(cfg: ExperimentConfig, from_run: Path, teacher: Teach
         def evaluate() -> dict[str, Any]:
             return score_scenes(task.student, ft, teacher, x_id, x_ood, ds.id_objects, ds.ood_objects, descriptions)
 
-        ft.run_dir.mkdir(parents=True, exist_ok=True)
-        clear_checkpoints(ft.run_dir)
-        record_config(ft, ft.run_dir, None)
+        if distributed.is_main():  # under torchrun rank 0 alone writes, as for single-label runs
+            ft.run_dir.mkdir(parents=True, exist_ok=True)
+            clear_checkpoints(ft.run_dir)
+            record_config(ft, ft.run_dir, None)
         results = results_of(task, teacher, fit(task, evaluate), [scenes, x_id, x_ood], ds).to_dict()
-        atomic_write_json(ft.run_dir / "results.json", results)
         out = {"scenes": k, "finetune": {**results["metrics_last_avg"], "averaged_over": results["averaged_over"],
                                          "last": results["metrics"], "run": str(ft.run_dir)}}
+        if not distributed.is_main():
+            return out
+        atomic_write_json(ft.run_dir / "results.json", results)
         path = RunFolder(from_run).results_path
         if path.is_file():
             atomic_write_json(path, {**read_json(path), "fewshot": out})

@@ -8,7 +8,11 @@ The same step as ``task.DistillTask``, on scenes instead of images:
 
 Every channel of a scene is cropped with the same view, and the teacher's target is its embedding of that
 view of ``data.teacher_camera``'s RGB. ``model`` (student + head + ASL bias) is what checkpoints hold: the loop
-reads it as ``task.student``. One process only: multi-label runs do not support torchrun yet.
+reads it as ``task.student``.
+
+Under torchrun each rank takes its slice of the global batch, draws views for the whole batch as one process
+does (the target lookup's ``n_global`` / ``offset``) and gathers every rank's rows before the loss, so the loss
+is the one-process loss of the global batch; the model is wrapped in DDP for the step.
 """
 
 from __future__ import annotations
@@ -26,7 +30,6 @@ from vlmdistill.data.scenes import CameraRgbSource, SceneLayout, SceneSource
 from vlmdistill.data.source import Batch
 from vlmdistill.data.views import render
 from vlmdistill.device import resolve_device
-from vlmdistill.errors import RunError
 from vlmdistill.losses import LossInputs, Objective
 from vlmdistill.multilabel.labels import multi_hot
 from vlmdistill.multilabel.model import MultiLabelModel, Text, build_model, head_text
@@ -71,8 +74,6 @@ def check_multilabel_config(cfg: ExperimentConfig) -> None:
         raise ConfigError("data.randaugment works on RGB images only: set data.randaugment=false for scene data")
     if cfg.loss.closed_set:
         raise ConfigError("loss.closed_set has no multi-label form: set loss.closed_set=false")
-    if distributed.active():
-        raise RunError("multi-label runs train in one process: run without torchrun")
 
 
 class MultiLabelTask(nn.Module):
@@ -98,22 +99,39 @@ class MultiLabelTask(nn.Module):
         self.teacher, self.descriptions = teacher, descriptions
         self.teacher_rgb: CameraRgbSource = train_set.source.camera_rgb(cfg.data.teacher_camera)
         self.targets = open_targets(cfg, teacher, self.teacher_rgb, self.objective.needs_teacher)
+        if not self.objective.needs_teacher:  # no term reads the pooled embedding: what only it uses stays as built
+            for p in _embedding_only_parameters(self.student, cfg.student.image_size):
+                p.requires_grad_(False)  # (it got no gradient anyway; DDP needs one for every trainable parameter)
+        object.__setattr__(self, "_ddp", None)
 
     def trainable(self) -> list[nn.Parameter]:
         """Student, head (1x1 conv, contexts or bias) and the loss's score bias; never the frozen teacher."""
         return [p for p in self.student.parameters() if p.requires_grad]
 
     def distribute(self) -> None:
-        """One process only (``check_multilabel_config``): nothing to wrap."""
+        """Under DDP: BatchNorm over the global batch (unless ``train.sync_batchnorm=false``), then the model
+        wrapped in ``DistributedDataParallel`` for training steps (checkpoints and evaluation keep the bare one).
+        The score bias and few-shot prompt texts enter the loss outside ``forward``; DDP reduces their gradients
+        all the same, as every trainable parameter gets one each step."""
+        if not distributed.active() or self._ddp is not None:
+            return
+        if self.cfg.train.sync_batchnorm:
+            self.student = distributed.sync_batchnorm(self.student, self.device)
+        ids = [torch.cuda.current_device() if self.device.index is None else self.device.index] \
+            if self.device.type == "cuda" else None
+        object.__setattr__(self, "_ddp", nn.parallel.DistributedDataParallel(self.student, device_ids=ids))
 
     def prepare(self, batch: Batch, g: torch.Generator) -> StepBatch:
-        """One view per scene (all channels cropped together) and the teacher camera's targets of it."""
+        """One view per scene (all channels cropped together) and the teacher camera's targets of it; under DDP
+        the views of this rank's slice of the global batch, drawn as one process draws them."""
         rgb = batch.images
         if self.targets.kind == "online":  # the teacher renders its camera's RGB of the same views
             rgb = next(iter(self.teacher_rgb.iter_batches([batch.index]))).images
-        views, targets = self.targets(batch.index, rgb, g)
+        counts = distributed.sizes(len(batch.index)) if distributed.active() else None
+        n_global, offset = (sum(counts), sum(counts[: distributed.rank()])) if counts else (None, 0)
+        views, targets = self.targets(batch.index, rgb, g, n_global, offset)
         pixels = render(batch.images, views, self.cfg.student.image_size).to(self.device)
-        return StepBatch(pixels, batch.index, targets)
+        return StepBatch(pixels, batch.index, targets, counts=counts)
 
     def train_text(self) -> Text | None:
         """The head's text for the training names: None for the construction names (the head's own), else
@@ -123,15 +141,34 @@ class MultiLabelTask(nn.Module):
         return head_text(self.student, self.cfg, self.teacher, self.train_set.names, self.descriptions)
 
     def forward(self, step: StepBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        s_raw, prob = self.student(step.pixels, self.train_text())
+        s_raw, prob = (self._ddp or self.student)(step.pixels, self.train_text())
         t_raw = step.targets.to(self.device) if step.targets is not None else None
-        inputs = LossInputs(s=F.normalize(s_raw, dim=-1), y=self.train_set.labels[step.index].to(self.device),
-                            t=F.normalize(t_raw, dim=-1) if t_raw is not None else None,
-                            s_raw=s_raw, t_raw=t_raw, p=prob)
+        y = self.train_set.labels[step.index].to(self.device)
+        if step.counts is not None:  # every rank's rows, in one process's order; gradients flow to their owners
+            s_raw, prob = (distributed.gather_with_grad(x, step.counts) for x in (s_raw, prob))
+            y = distributed.all_gather_tensors(y, step.counts)
+            t_raw = distributed.all_gather_tensors(t_raw, step.counts) if t_raw is not None else None
+        inputs = LossInputs(s=F.normalize(s_raw, dim=-1), y=y, t=F.normalize(t_raw, dim=-1) if t_raw is not None
+                            else None, s_raw=s_raw, t_raw=t_raw, p=prob)
         return self.objective(inputs)
 
     def model_meta(self) -> ModelMeta:
         return ModelMeta.of(self.cfg, self.student.student, self.teacher_id)
+
+
+def _embedding_only_parameters(model: MultiLabelModel, size: int) -> list[nn.Parameter]:
+    """The student's parameters that the feature map (what the head reads) does not depend on: the pooled
+    embedding's projection, whatever the backbone's ``forward_head`` holds. Found by differentiating the feature
+    map of one blank input in eval mode (no BatchNorm statistics move)."""
+    net, was_training = model.student.net, model.training
+    params = [p for p in net.parameters() if p.requires_grad]
+    model.eval()
+    try:
+        x = torch.zeros(1, model.student.in_chans, size, size, device=params[0].device)
+        grads = torch.autograd.grad(model.student.feature_map(x).sum(), params, allow_unused=True)
+    finally:
+        model.train(was_training)
+    return [p for p, g in zip(params, grads, strict=True) if g is None]
 
 
 def train_set_of(cfg: ExperimentConfig, ds: MultiLabelSet, split: str = "train") -> SceneTrainSet:

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from vlmdistill import distributed
 from vlmdistill.config import ConfigError, ExperimentConfig, save_config
 from vlmdistill.data.multilabel_set import MultiLabelSet, open_multilabel
 from vlmdistill.evaluate import eval_results_path
@@ -110,7 +111,7 @@ def results_of(task: MultiLabelTask, teacher: Teacher, fitted: FitResult, source
     results.config_changes = config_history(cfg.run_dir)
     results.data = skipped_data(sources, ds.skipped)
     results.train = {"steps": fitted.state.step, "seconds": round(fitted.seconds, 2), "targets": task.targets.kind,
-                     "processes": 1, "threads": torch.get_num_threads()}
+                     "processes": distributed.world_size(), "threads": torch.get_num_threads()}
     return results
 
 
