@@ -258,3 +258,42 @@ def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(ml_overrides: l
             for n in ("ml_full", "ml_killed"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert read_json(run / "results.json")["complete"] is True
+
+
+def test_tagged_photos_from_a_csv_train_evaluate_export_and_predict(ml_overrides: list[str], clutter_dir: Path,
+                                                                     tmp_path: Path) -> None:
+    """The non-robotics user: plain RGB photos tagged in a CSV (path,labels,split). A 3-channel student trains with
+    L_im-cst on the photos themselves (the teacher sees them), is re-scored, has a teacher reference, exports
+    and predicts any names on a photo."""
+    from PIL import Image
+
+    ds = open_multilabel(clutter_dir)
+    rows = ["path,labels,split"]
+    for split, items in ds.splits.items():
+        for i, item in enumerate(items):
+            path = tmp_path / f"{split}_{i}.png"
+            pixels = read_scene(item, SceneLayout(("base",), ("rgb",), None), 32)
+            Image.fromarray((pixels * 255).round().byte().permute(1, 2, 0).numpy()).save(path)
+            rows.append(f"{path},{';'.join(item.objects)},{split}")
+    (tmp_path / "tags.csv").write_text("\n".join(rows) + "\n")
+    res = CliRunner().invoke(app, ["prepare", str(tmp_path / "ds"), "--multilabel-csv", str(tmp_path / "tags.csv")])
+    assert res.exit_code == 0, res.output
+    cfg = load_config(None, [*[o for o in ml_overrides if not o.startswith("data.dir=")],
+                             f"data.dir={tmp_path / 'ds'}", "loss.imcst.weight=1", "optim.epochs=1", "name=tags"])
+    res = distill(cfg)
+    assert res["complete"] and res["train"]["targets"] == "store"
+    assert RunFolder(cfg.run_dir).student().weights["student.net.conv1.0.weight"].shape[1] == 3
+    for args in (["eval", str(cfg.run_dir / "config.yaml")], ["eval", str(cfg.run_dir / "config.yaml"),
+                                                              "--teacher-only"]):
+        out = CliRunner().invoke(app, args)
+        assert out.exit_code == 0, out.output
+    assert read_json(cfg.run_dir / "eval.json")["metrics"] == res["metrics"]
+    assert set(read_json(cfg.run_dir / "teacher" / "results.json")["metrics"]) == {"x_id", "y_id_on_ood",
+                                                                                      "y_ood_on_ood"}
+    manifest = export_multilabel(cfg.run_dir, tmp_path / "model")
+    assert manifest["onnx"]["parity_max_abs_diff"] <= 1e-4
+    photo = tmp_path / "val_0.png"
+    out = CliRunner().invoke(app, ["predict", str(tmp_path / "model"), str(photo), "--classes", "a red thing,dice"])
+    assert out.exit_code == 0, out.output
+    (row,) = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert row["scene"].endswith("val_0.png") and set(row["probabilities"]) == {"a red thing", "dice"}
