@@ -21,6 +21,7 @@ from vlmdistill.io import read_json
 from vlmdistill.losses import LossInputs, Objective
 from vlmdistill.mlapi import MultiLabelDistilled, export_multilabel
 from vlmdistill.mlfewshot import run_multilabel_fewshot
+from vlmdistill.mltask import MultiLabelTask, train_set_of
 from vlmdistill.multilabel.loss import AsymmetricLoss
 from vlmdistill.multilabel.metrics import mean_average_precision
 from vlmdistill.report import comparison_rows
@@ -260,26 +261,38 @@ def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(ml_overrides: l
     assert read_json(run / "results.json")["complete"] is True
 
 
-def test_tagged_photos_from_a_csv_train_evaluate_export_and_predict(ml_overrides: list[str], clutter_dir: Path,
-                                                                     tmp_path: Path) -> None:
-    """The non-robotics user: plain RGB photos tagged in a CSV (path,labels,split). A 3-channel student trains with
-    L_im-cst on the photos themselves (the teacher sees them), is re-scored, has a teacher reference, exports
-    and predicts any names on a photo."""
+@pytest.fixture(scope="module")
+def tags_dir(clutter_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The clutter scenes' base-camera RGB as plain photos tagged in a CSV (path,labels,split), prepared."""
     from PIL import Image
 
+    root = tmp_path_factory.mktemp("tags")
     ds = open_multilabel(clutter_dir)
     rows = ["path,labels,split"]
     for split, items in ds.splits.items():
         for i, item in enumerate(items):
-            path = tmp_path / f"{split}_{i}.png"
+            path = root / f"{split}_{i}.png"
             pixels = read_scene(item, SceneLayout(("base",), ("rgb",), None), 32)
             Image.fromarray((pixels * 255).round().byte().permute(1, 2, 0).numpy()).save(path)
             rows.append(f"{path},{';'.join(item.objects)},{split}")
-    (tmp_path / "tags.csv").write_text("\n".join(rows) + "\n")
-    res = CliRunner().invoke(app, ["prepare", str(tmp_path / "ds"), "--multilabel-csv", str(tmp_path / "tags.csv")])
+    (root / "tags.csv").write_text("\n".join(rows) + "\n")
+    res = CliRunner().invoke(app, ["prepare", str(root / "ds"), "--multilabel-csv", str(root / "tags.csv")])
     assert res.exit_code == 0, res.output
-    cfg = load_config(None, [*[o for o in ml_overrides if not o.startswith("data.dir=")],
-                             f"data.dir={tmp_path / 'ds'}", "loss.imcst.weight=1", "optim.epochs=1", "name=tags"])
+    return root
+
+
+@pytest.fixture
+def tags_overrides(ml_overrides: list[str], tags_dir: Path) -> list[str]:
+    return [*[o for o in ml_overrides if not o.startswith("data.dir=")], f"data.dir={tags_dir / 'ds'}",
+            "loss.imcst.weight=1", "optim.epochs=1"]
+
+
+def test_tagged_photos_from_a_csv_train_evaluate_export_and_predict(tags_overrides: list[str], tags_dir: Path,
+                                                                     tmp_path: Path) -> None:
+    """The non-robotics user: plain RGB photos tagged in a CSV. A 3-channel student trains with L_im-cst on the
+    photos themselves (the teacher sees them), is re-scored, has a teacher reference, exports and predicts any
+    names on a photo."""
+    cfg = load_config(None, [*tags_overrides, "name=tags"])
     res = distill(cfg)
     assert res["complete"] and res["train"]["targets"] == "store"
     assert RunFolder(cfg.run_dir).student().weights["student.net.conv1.0.weight"].shape[1] == 3
@@ -292,8 +305,36 @@ def test_tagged_photos_from_a_csv_train_evaluate_export_and_predict(ml_overrides
                                                                                       "y_ood_on_ood"}
     manifest = export_multilabel(cfg.run_dir, tmp_path / "model")
     assert manifest["onnx"]["parity_max_abs_diff"] <= 1e-4
-    photo = tmp_path / "val_0.png"
+    photo = tags_dir / "val_0.png"
     out = CliRunner().invoke(app, ["predict", str(tmp_path / "model"), str(photo), "--classes", "a red thing,dice"])
     assert out.exit_code == 0, out.output
     (row,) = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     assert row["scene"].endswith("val_0.png") and set(row["probabilities"]) == {"a red thing", "dice"}
+
+
+def test_randaugment_on_photos_and_refused_on_stacked_scenes(ml_overrides: list[str],
+                                                              tags_overrides: list[str]) -> None:
+    """One RGB image per row takes RandAugment: ``student`` changes the student's pixels only, ``consistent``
+    gives the student and the teacher's stored target the same ops. Stacked RGB-D scenes are refused, named."""
+    with pytest.raises(ConfigError, match=r"stacks 8 channels \(rgb\+depth\+rgb\+depth.*data.randaugment=off"):
+        distill(load_config(None, [*ml_overrides, "data.randaugment=student", "name=ra8"]))
+    tasks = {}
+    for mode in ("off", "student", "consistent"):
+        cfg = load_config(None, [*tags_overrides, f"data.randaugment={mode}", f"name=ra-{mode}"])
+        ds = open_multilabel(cfg.data.dir)
+        tasks[mode] = task = MultiLabelTask(cfg, load_teacher(cfg.teacher), ds, train_set_of(cfg, ds))
+        assert distill(cfg)["complete"]
+    batch = next(tasks["off"].train_set.source.batches(torch.arange(6), 6))
+    step = {mode: task.prepare(batch, torch.Generator().manual_seed(0)) for mode, task in tasks.items()}
+    assert not torch.equal(step["student"].pixels, step["off"].pixels)
+    assert torch.equal(step["student"].targets, step["off"].targets)  # the paper's: the teacher does not see it
+
+    task = tasks["consistent"]
+    rgb = next(iter(task.teacher_rgb.iter_batches([batch.index]))).images
+    views, targets = task.targets(batch.index, rgb, torch.Generator().manual_seed(0))
+    assert views.augment is not None
+    assert torch.equal(step["consistent"].pixels, render(batch.images, views, 32))
+    seen = task.teacher.encode_images(render(rgb, views, task.teacher.image_size))
+    unseen = task.teacher.encode_images(render(rgb, Views(views.boxes, views.flips), task.teacher.image_size))
+    assert torch.allclose(targets, seen, atol=2e-3 * seen.abs().max())  # the store keeps fp16
+    assert not torch.allclose(targets, unseen, atol=2e-3 * seen.abs().max())

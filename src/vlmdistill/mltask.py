@@ -28,7 +28,7 @@ from vlmdistill.config import ConfigError, ExperimentConfig
 from vlmdistill.data.multilabel_set import MultiLabelSet
 from vlmdistill.data.scenes import CameraRgbSource, SceneLayout, SceneSource
 from vlmdistill.data.source import Batch
-from vlmdistill.data.views import render
+from vlmdistill.data.views import randaugment, render
 from vlmdistill.device import resolve_device
 from vlmdistill.losses import LossInputs, Objective
 from vlmdistill.multilabel.labels import multi_hot
@@ -70,8 +70,6 @@ def check_multilabel_config(cfg: ExperimentConfig) -> None:
     if cfg.loss.asl.weight == 0:
         raise ConfigError(f"{cfg.data.dir} holds multi-label scenes: set loss.asl.weight (the multi-label head's "
                           "loss, e.g. 1) and loss.cls.weight=0")
-    if cfg.data.randaugment != "off":
-        raise ConfigError("data.randaugment works on RGB images only: set data.randaugment=false for scene data")
     if cfg.loss.closed_set:
         raise ConfigError("loss.closed_set has no multi-label form: set loss.closed_set=false")
 
@@ -83,12 +81,18 @@ class MultiLabelTask(nn.Module):
                  descriptions: dict[str, str] | None = None) -> None:
         super().__init__()
         check_multilabel_config(cfg)
+        kinds = input_kinds(cfg, ds)
+        if cfg.data.randaugment != "off" and kinds != ["rgb"]:
+            channels = sum(3 if k == "rgb" else 1 for k in kinds)
+            raise ConfigError(f"data.randaugment works on one RGB image, but {cfg.data.dir} stacks {channels} "
+                              f"channels ({'+'.join(kinds)} over data.cameras x data.channels): set "
+                              "data.randaugment=off, or data.cameras=[<one camera>] data.channels=[rgb]")
         self.cfg, self.train_set, self.teacher_id = cfg, train_set, teacher.id
         self.device = resolve_device(cfg.device)
         self.objective = Objective(cfg.loss)
         asl = self.objective.terms["asl"].loss
-        self.student: MultiLabelModel = build_model(cfg, teacher, input_kinds(cfg, ds), ds.id_objects,
-                                                    descriptions, asl).to(self.device)
+        self.student: MultiLabelModel = build_model(cfg, teacher, kinds, ds.id_objects, descriptions,
+                                                    asl).to(self.device)
         self.prompts = None  # the learned contexts live in the head, inside ``student``
         if cfg.train.ema_decay is not None:
             raise ConfigError("train.ema_decay: weight averaging is built for single-label runs only so far; drop "
@@ -130,7 +134,11 @@ class MultiLabelTask(nn.Module):
         counts = distributed.sizes(len(batch.index)) if distributed.active() else None
         n_global, offset = (sum(counts), sum(counts[: distributed.rank()])) if counts else (None, 0)
         views, targets = self.targets(batch.index, rgb, g, n_global, offset)
-        pixels = render(batch.images, views, self.cfg.student.image_size).to(self.device)
+        images = batch.images
+        if self.cfg.data.randaugment == "student":  # the paper's: the teacher's target does not see these ops
+            images = randaugment((images * 255).round().to(torch.uint8), g,
+                                 per_batch=self.cfg.data.augment_per == "batch", offset=offset)
+        pixels = render(images, views, self.cfg.student.image_size).to(self.device)
         return StepBatch(pixels, batch.index, targets, counts=counts)
 
     def train_text(self) -> Text | None:
