@@ -271,3 +271,24 @@ def sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
     for name, child in module.named_children():
         module.add_module(name, sync_batchnorm(child, device))
     return module
+
+
+def data_parallel(module: nn.Module, device: torch.device, sync_bn: bool
+                  ) -> tuple[nn.Module, nn.parallel.DistributedDataParallel]:
+    """A task's model for DDP training: BatchNorm over the global batch (``sync_bn``), then wrapped in
+    ``DistributedDataParallel``. Returns the bare module (what checkpoints and evaluation keep) and the wrapper
+    (what training steps call)."""
+    if sync_bn:
+        module = sync_batchnorm(module, device)
+    ids = [torch.cuda.current_device() if device.index is None else device.index] if device.type == "cuda" else None
+    return module, nn.parallel.DistributedDataParallel(module, device_ids=ids)
+
+
+def batch_layout(n: int) -> tuple[list[int] | None, int, int]:
+    """This rank's place in a global batch of which it holds ``n`` rows: every rank's count (None in one
+    process), the global size and this rank's first row, so that draws made for the whole batch are sliced
+    as one process would use them."""
+    if not active():
+        return None, n, 0
+    counts = sizes(n)
+    return counts, sum(counts), sum(counts[: rank()])

@@ -119,11 +119,8 @@ class MultiLabelTask(nn.Module):
         all the same, as every trainable parameter gets one each step."""
         if not distributed.active() or self._ddp is not None:
             return
-        if self.cfg.train.sync_batchnorm:
-            self.student = distributed.sync_batchnorm(self.student, self.device)
-        ids = [torch.cuda.current_device() if self.device.index is None else self.device.index] \
-            if self.device.type == "cuda" else None
-        object.__setattr__(self, "_ddp", nn.parallel.DistributedDataParallel(self.student, device_ids=ids))
+        self.student, ddp = distributed.data_parallel(self.student, self.device, self.cfg.train.sync_batchnorm)
+        object.__setattr__(self, "_ddp", ddp)
 
     def prepare(self, batch: Batch, g: torch.Generator) -> StepBatch:
         """One view per scene (all channels cropped together) and the teacher camera's targets of it; under DDP
@@ -131,8 +128,7 @@ class MultiLabelTask(nn.Module):
         rgb = batch.images
         if self.targets.kind == "online":  # the teacher renders its camera's RGB of the same views
             rgb = next(iter(self.teacher_rgb.iter_batches([batch.index]))).images
-        counts = distributed.sizes(len(batch.index)) if distributed.active() else None
-        n_global, offset = (sum(counts), sum(counts[: distributed.rank()])) if counts else (None, 0)
+        counts, n_global, offset = distributed.batch_layout(len(batch.index))
         views, targets = self.targets(batch.index, rgb, g, n_global, offset)
         images = batch.images
         if self.cfg.data.randaugment == "student":  # the paper's: the teacher's target does not see these ops

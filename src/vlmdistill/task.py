@@ -157,8 +157,7 @@ class DistillTask(nn.Module):
         """Under DDP the ranks first share how many images each holds, to draw for the global batch; with V
         views per image every image becomes V consecutive rows (``counts`` are then rows)."""
         v = self.cfg.train.views_per_step
-        counts = distributed.sizes(len(batch.index)) if distributed.active() else None
-        n_global, offset = (sum(counts), sum(counts[: distributed.rank()])) if counts else (len(batch.index), 0)
+        counts, n_global, offset = distributed.batch_layout(len(batch.index))
         views, targets = lookup(batch.index, batch.images, g, n_global, offset, per_image=v)
         images, index = batch.images, batch.index
         if v > 1:
@@ -202,11 +201,8 @@ class DistillTask(nn.Module):
         wrapped in ``DistributedDataParallel`` for training steps (checkpoints and evaluation keep the bare one)."""
         if not distributed.active() or self._ddp is not None:
             return
-        if self.cfg.train.sync_batchnorm:
-            self.student = distributed.sync_batchnorm(self.student, self.device)
-        ids = [torch.cuda.current_device() if self.device.index is None else self.device.index] \
-            if self.device.type == "cuda" else None
-        object.__setattr__(self, "_ddp", nn.parallel.DistributedDataParallel(self.student, device_ids=ids))
+        self.student, ddp = distributed.data_parallel(self.student, self.device, self.cfg.train.sync_batchnorm)
+        object.__setattr__(self, "_ddp", ddp)
 
     # ------------------------------------------------------------------ what evaluation and checkpoints need
     @property
