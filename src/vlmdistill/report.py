@@ -11,13 +11,10 @@ from typing import Any
 from rich.table import Table
 
 from vlmdistill.errors import VlmdistillError
-from vlmdistill.results import METRICS, metric_value
+from vlmdistill.results import METRICS, ML_KEYS, metric_value
 
 COLUMNS = ("id", "ood", "ood_last", "ood_acc1", "ood_5shot_finetune", "gzsl_h", "m_rel_train", "m_rel_ood",
-           "m_neigh5_ood", "m_vlalign3_ood", "mse_ood", "ml_x_id_acc", "ml_id_on_ood_acc", "ml_ood_on_ood_acc",
-           "ml_x_id_f1", "ml_id_on_ood_f1", "ml_ood_on_ood_f1", "ml_x_id_map", "ml_id_on_ood_map", "ml_ood_on_ood_map",
-           "ml_fs_x_id_acc", "ml_fs_id_on_ood_acc", "ml_fs_ood_on_ood_acc", "ml_fs_x_id_f1", "ml_fs_id_on_ood_f1",
-           "ml_fs_ood_on_ood_f1", "ml_fs_x_id_map", "ml_fs_id_on_ood_map", "ml_fs_ood_on_ood_map")
+           "m_neigh5_ood", "m_vlalign3_ood", "mse_ood", *ML_KEYS)
 """The keys of ``results.METRICS`` a comparison shows (only those that at least one run has: multi-label runs
 show Table 12's columns, single-label runs the others)."""
 

@@ -24,6 +24,14 @@ class Metric:
         return f"{value:.1f}" if self.percent else f"{value:.3f}"
 
 
+ML_GROUPS = (("x_id", "X_id", "x_id"), ("id_on_ood", "Y_id on X_ood", "y_id_on_ood"),
+             ("ood_on_ood", "Y_ood on X_ood", "y_ood_on_ood"))
+"""Table 12's columns: key part, label, results.json name."""
+ML_MEASURES = (("acc", "accuracy", "acc"), ("f1", "f1", "F1"), ("map", "map", "mAP"))
+"""Each column's numbers: key part, results.json name, label."""
+ML_KEYS = tuple(f"ml_{fs}{key}_{m}" for fs in ("", "fs_") for m, _, _ in ML_MEASURES for key, _, _ in ML_GROUPS)
+"""Every multi-label key of ``METRICS``, zero-shot then few-shot, by measure then column."""
+
 METRICS: dict[str, Metric] = {
     "id": Metric("ID", ("metrics_last_avg", "id", "mean_per_class_recall")),
     "ood": Metric("OOD 0-shot", ("metrics_last_avg", "ood", "mean_per_class_recall")),
@@ -32,19 +40,9 @@ METRICS: dict[str, Metric] = {
     "ood_5shot_finetune": Metric("OOD few-shot ft", ("fewshot", "finetune", "ood", "mean_per_class_recall")),
     "ood_5shot_retrieval": Metric("OOD few-shot Tip", ("fewshot", "retrieval", "ood", "mean_per_class_recall")),
     "gzsl_h": Metric("GZSL H", ("metrics_last_avg", "gzsl", "harmonic")),
-    "ml_x_id_acc": Metric("X_id acc", ("metrics_last_avg", "x_id", "accuracy")),
-    "ml_id_on_ood_acc": Metric("Y_id on X_ood acc", ("metrics_last_avg", "y_id_on_ood", "accuracy")),
-    "ml_ood_on_ood_acc": Metric("Y_ood on X_ood acc", ("metrics_last_avg", "y_ood_on_ood", "accuracy")),
-    "ml_x_id_f1": Metric("X_id F1", ("metrics_last_avg", "x_id", "f1")),
-    "ml_id_on_ood_f1": Metric("Y_id on X_ood F1", ("metrics_last_avg", "y_id_on_ood", "f1")),
-    "ml_ood_on_ood_f1": Metric("Y_ood on X_ood F1", ("metrics_last_avg", "y_ood_on_ood", "f1")),
-    "ml_x_id_map": Metric("X_id mAP", ("metrics_last_avg", "x_id", "map")),
-    "ml_id_on_ood_map": Metric("Y_id on X_ood mAP", ("metrics_last_avg", "y_id_on_ood", "map")),
-    "ml_ood_on_ood_map": Metric("Y_ood on X_ood mAP", ("metrics_last_avg", "y_ood_on_ood", "map")),
-    **{f"ml_fs_{key}_{m}": Metric(f"{label} {shown} few-shot", ("fewshot", "finetune", column, name))
-       for key, label, column in (("x_id", "X_id", "x_id"), ("id_on_ood", "Y_id on X_ood", "y_id_on_ood"),
-                                  ("ood_on_ood", "Y_ood on X_ood", "y_ood_on_ood"))
-       for m, name, shown in (("acc", "accuracy", "acc"), ("f1", "f1", "F1"), ("map", "map", "mAP"))},
+    **{f"ml_{fs}{key}_{m}": Metric(f"{label} {shown}{suffix}", (*where, column, name))
+       for fs, where, suffix in (("", ("metrics_last_avg",), ""), ("fs_", ("fewshot", "finetune"), " few-shot"))
+       for m, name, shown in ML_MEASURES for key, label, column in ML_GROUPS},
     "m_rel_train": Metric("M_rel train", ("analysis", "train", "m_rel"), percent=False),
     "m_rel_ood": Metric("M_rel OOD", ("analysis", "ood", "m_rel"), percent=False),
     "m_neigh5_ood": Metric("M_neigh@5 OOD", ("analysis", "ood", "m_neigh@5"), percent=False),

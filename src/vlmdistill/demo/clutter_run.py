@@ -24,7 +24,7 @@ from vlmdistill.io import atomic_write_json, atomic_write_text
 from vlmdistill.mlfewshot import run_multilabel_fewshot
 from vlmdistill.mltrain import evaluate_multilabel_teacher
 from vlmdistill.progress import console
-from vlmdistill.results import METRICS, metric_value
+from vlmdistill.results import METRICS, ML_GROUPS, ML_KEYS, metric_value
 from vlmdistill.train import distill
 
 CLUTTER_ROWS = (
@@ -40,10 +40,9 @@ MULTILABEL = ["loss.cls.weight=0", "loss.asl.weight=1", f"data.base_size={IMAGE_
               "train.analysis=false", "fewshot.epochs=2",
               # AdamW bounds the ASL bias's step (its gradient sums over every entry); SGD 0.05 saturated it
               "optim.name=adamw", "optim.lr=0.001", "fewshot.lr=0.001"]
-GROUPS = ("x_id", "id_on_ood", "ood_on_ood")
-TABLE_METRICS = {"acc": "accuracy", "f1": "F1", "map": "mAP"}
-COLUMNS = tuple(f"ml_{fs}{g}_{m}" for fs in ("", "fs_") for m in TABLE_METRICS for g in GROUPS)
-TEACHER_COLUMNS = {"x_id": "x_id", "id_on_ood": "y_id_on_ood", "ood_on_ood": "y_ood_on_ood"}
+TEACHER_COLUMNS = {key: column for key, _, column in ML_GROUPS}  # key part -> results.json column
+GROUPS = tuple(TEACHER_COLUMNS)
+TABLE_METRICS = {"acc": "accuracy", "f1": "F1", "map": "mAP"}  # key part -> the table's heading
 
 
 def clutter_data(cache: Path, scale: DemoScale) -> tuple[Path, Path]:
@@ -102,7 +101,7 @@ def _stats(per_row: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     rows = {}
     for key, runs in per_row.items():
         stats = {}
-        for name in COLUMNS:
+        for name in ML_KEYS:
             values = [v for v in (metric_value(r, name) for r in runs) if v is not None]
             if values:
                 stats[name] = {"mean": statistics.fmean(values),
