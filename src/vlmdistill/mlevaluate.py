@@ -20,11 +20,13 @@ import torch.nn.functional as F
 from vlmdistill.config import ExperimentConfig
 from vlmdistill.data.scenes import SceneSource
 from vlmdistill.data.views import Views, render
+from vlmdistill.evaluate import embed_images
 from vlmdistill.multilabel.labels import multi_hot
 from vlmdistill.multilabel.metrics import mean_average_precision, presence_metrics
 from vlmdistill.multilabel.model import MultiLabelModel, Text, head_text, object_texts
 from vlmdistill.teachers.base import Teacher
 from vlmdistill.text.textbank import embed_texts
+from vlmdistill.workspace import student_eval_view
 
 COLUMNS = ("x_id", "y_id_on_ood", "y_ood_on_ood")
 
@@ -91,16 +93,12 @@ def score_teacher(cfg: ExperimentConfig, teacher: Teacher, x_id: SceneSource, x_
     out: dict[str, Any] = {}
     for source, groups in ((x_id, {"x_id": range(n_id)}),
                            (x_ood, {"y_id_on_ood": range(n_id), "y_ood_on_ood": range(n_id, len(names))})):
-        rgb = source.camera_rgb(cfg.data.teacher_camera)
-        scores, index = [], []
-        for batch in rgb.iter_batches(list(torch.arange(len(rgb)).split(cfg.optim.eval_batch_size))):
-            pixels = render(batch.images, Views.center(len(batch.index), cfg.data.eval_crop), teacher.image_size)
-            scores.append(F.normalize(teacher.encode_images(pixels), dim=-1).cpu() @ text.T.cpu())
-            index.append(batch.index)
-        if not scores:
+        feats, index = embed_images(teacher.encode_images, source.camera_rgb(cfg.data.teacher_camera),
+                                    teacher.image_size, student_eval_view(cfg), cfg.optim.eval_batch_size)
+        if not len(index):
             continue
-        target = multi_hot([source.records[i].objects for i in torch.cat(index).tolist()], names)
-        scored = torch.cat(scores)
+        scored = F.normalize(feats, dim=-1) @ text.T.cpu()
+        target = multi_hot([source.records[i].objects for i in index.tolist()], names)
         for key, classes in groups.items():
             out[key] = {"map": mean_average_precision(scored, target, classes)}
     return out

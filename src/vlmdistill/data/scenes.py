@@ -144,3 +144,6 @@ class CameraRgbSource:
     def iter_batches(self, batches: list[torch.Tensor]) -> Iterator[Batch]:
         for batch in self.scenes.iter_batches(batches):
             yield Batch((batch.images * 255.0).round().to(torch.uint8), batch.index)
+
+    def batches(self, order: torch.Tensor, batch_size: int) -> Iterator[Batch]:
+        return self.iter_batches(list(order.split(batch_size)))
