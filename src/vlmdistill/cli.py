@@ -207,23 +207,17 @@ def evaluate(
     from vlmdistill.workspace import build_workspace
 
     cfg = _load(config, overrides)
-    if is_multilabel(cfg.data.dir):
-        if teacher_only:
-            results = _run(evaluate_multilabel_teacher, cfg)
-            written = cfg.run_dir / "teacher" / "results.json"
-        else:
-            results = _run(evaluate_multilabel_run, cfg, run or cfg.run_dir)
-            written = eval_results_path(cfg, run or cfg.run_dir)
-        out_console.print(rich_table(*comparison_rows([results])))
-        _skipped_line(results, written)
-        return
-    ws = _run(build_workspace, cfg)
-    if teacher_only:
-        results = _run(evaluate_teacher, cfg, ws)
-        written = cfg.run_dir / "teacher" / "results.json"
+    run_dir = run or cfg.run_dir
+    written = cfg.run_dir / "teacher" / "results.json" if teacher_only else eval_results_path(cfg, run_dir)
+    multilabel = is_multilabel(cfg.data.dir)
+    if multilabel and teacher_only:
+        results = _run(evaluate_multilabel_teacher, cfg)
+    elif multilabel:
+        results = _run(evaluate_multilabel_run, cfg, run_dir)
+    elif teacher_only:
+        results = _run(evaluate_teacher, cfg, _run(build_workspace, cfg))
     else:
-        results = _run(evaluate_run, cfg, ws, run or cfg.run_dir, analysis=cfg.train.analysis)
-        written = eval_results_path(cfg, run or cfg.run_dir)
+        results = _run(evaluate_run, cfg, _run(build_workspace, cfg), run_dir, analysis=cfg.train.analysis)
     out_console.print(rich_table(*comparison_rows([results])))
     _skipped_line(results, written)
 

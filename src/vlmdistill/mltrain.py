@@ -17,6 +17,7 @@ import torch
 from vlmdistill import distributed
 from vlmdistill.config import ConfigError, ExperimentConfig, save_config
 from vlmdistill.data.multilabel_set import MultiLabelSet, open_multilabel
+from vlmdistill.data.scenes import SceneSource
 from vlmdistill.evaluate import eval_results_path
 from vlmdistill.integrity import Diverged
 from vlmdistill.io import atomic_write_json, read_json
@@ -54,7 +55,7 @@ def train_multilabel(cfg: ExperimentConfig, resume: bool = False, teacher: Teach
     teacher = teacher or load_teacher(cfg.teacher)
     descriptions = object_descriptions(cfg, ds)
     task = MultiLabelTask(cfg, teacher, ds, train_set_of(cfg, ds), descriptions)
-    x_id, x_ood = scene_source(cfg, ds, "val_on_train"), scene_source(cfg, ds, "val")
+    x_id, x_ood = eval_sources(cfg, ds)
 
     def evaluate() -> dict[str, Any]:
         return score_scenes(task.student, cfg, teacher, x_id, x_ood, ds.id_objects, ds.ood_objects, descriptions)
@@ -73,7 +74,7 @@ def evaluate_multilabel_run(cfg: ExperimentConfig, run_dir: Path) -> dict[str, A
     eval`` does single-label runs; writes eval.json (``eval-<dataset>.json`` on another dataset)."""
     ds = open_multilabel(cfg.data.dir)
     saved = load_multilabel(run_dir)
-    x_id, x_ood = scene_source(cfg, ds, "val_on_train"), scene_source(cfg, ds, "val")
+    x_id, x_ood = eval_sources(cfg, ds)
     metrics = score_scenes(saved.model, cfg, saved.teacher, x_id, x_ood, ds.id_objects, ds.ood_objects,
                            object_descriptions(cfg, ds))
     student = {"id": saved.model.student.spec.id, "params": count_parameters(saved.model.student),
@@ -91,13 +92,18 @@ def evaluate_multilabel_teacher(cfg: ExperimentConfig, out_dir: Path | None = No
     out_dir = Path(out_dir) if out_dir is not None else cfg.run_dir / "teacher"
     ds = open_multilabel(cfg.data.dir)
     teacher = load_teacher(cfg.teacher)
-    x_id, x_ood = scene_source(cfg, ds, "val_on_train"), scene_source(cfg, ds, "val")
+    x_id, x_ood = eval_sources(cfg, ds)
     metrics = score_teacher(cfg, teacher, x_id, x_ood, ds.id_objects, ds.ood_objects, object_descriptions(cfg, ds))
     results = RunResults.start("teacher", cfg, f"{cfg.name} (teacher)", str(out_dir), teacher, None, metrics)
     results.data = skipped_data([x_id, x_ood])
     save_config(cfg, out_dir / "config.yaml")
     atomic_write_json(out_dir / "results.json", results.to_dict())
     return results.to_dict()
+
+
+def eval_sources(cfg: ExperimentConfig, ds: MultiLabelSet) -> tuple[SceneSource, SceneSource]:
+    """The scenes every score reads: X_id (ID validation scenes) and X_ood (the OOD scenes)."""
+    return scene_source(cfg, ds, "val_on_train"), scene_source(cfg, ds, "val")
 
 
 def results_of(task: MultiLabelTask, teacher: Teacher, fitted: FitResult, sources: list[Any],
