@@ -41,8 +41,6 @@ from vlmdistill.students import create_student
 
 RESULTS = Path(__file__).parent / "results"
 KD_POOL = (KD, "loss.kd.on=pool")
-
-
 WIDE = "student.model_kwargs={channels: [48, 72, 72, 144], stem_width: 24}"  # 1.5x test_resnet's widths
 
 

@@ -152,3 +152,18 @@ def model_dir(run: Path) -> Path:
     from _tiny_run import exported
 
     return exported(run)
+
+
+@pytest.fixture(scope="session")
+def clutter_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A prepared multi-label dataset of built PickClutter h5 files (16 train, 6 X_id, 8 X_ood scenes of the demo's
+    cluttered objects, 32 px); its h5 files are in ``clutter_dir.parent / "h5"``."""
+    from vlmdistill.data.multilabel_set import prepare_multilabel
+    from vlmdistill.demo.clutter import ClutterParams, clutter_classes, generate_clutter
+
+    params = ClutterParams(image_size=32, seed=0)
+    root = tmp_path_factory.mktemp("clutter")
+    files = generate_clutter(root / "h5", params, {"train": 16, "val_on_train": 6, "val": 8})
+    ids = [c.name for c in clutter_classes(params) if c.is_id]
+    prepare_multilabel(root / "ds", h5=list(files.items()), id_objects=ids)
+    return root / "ds"

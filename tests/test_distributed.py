@@ -219,18 +219,12 @@ def test_a_lost_rank_is_one_line_naming_it_the_checkpoint_and_the_resume_command
 
 
 @pytest.fixture(scope="module")
-def ml_common(open_clip_teacher_files: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+def ml_common(clutter_dir: Path, open_clip_teacher_files: tuple[Path, Path],
+              tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     """A multi-label run (the paper's robotics head and ASL, 8-channel scenes) on built PickClutter h5 files."""
-    from vlmdistill.data.multilabel_set import prepare_multilabel
-    from vlmdistill.demo.clutter import ClutterParams, clutter_classes, generate_clutter
-
     cfg_path, ckpt = open_clip_teacher_files
     root = tmp_path_factory.mktemp("ddp-ml")
-    params = ClutterParams(image_size=32, seed=0)
-    files = generate_clutter(root / "h5", params, {"train": 16, "val_on_train": 6, "val": 8})
-    prepare_multilabel(root / "ds", h5=list(files.items()), id_objects=[c.name for c in clutter_classes(params)
-                                                                         if c.is_id])
-    return [f"data.dir={root / 'ds'}", "data.base_size=32", "data.preload=true", f"teacher.model_config={cfg_path}",
+    return [f"data.dir={clutter_dir}", "data.base_size=32", "data.preload=true", f"teacher.model_config={cfg_path}",
             f"teacher.checkpoint={ckpt}", "teacher.batch_size=16", "student.arch=resnet10t", "student.image_size=32",
             "student.model_kwargs={channels: [8, 16, 32, 64], stem_width: 8}", "optim.batch_size=6",
             "optim.eval_batch_size=8", "optim.epochs=2", "optim.lr=0.01", "loss.cls.weight=0", "loss.asl.weight=1",

@@ -13,10 +13,9 @@ from typer.testing import CliRunner
 import vlmdistill
 from vlmdistill.cli import app
 from vlmdistill.config import ConfigError, ExperimentConfig, load_config
-from vlmdistill.data.multilabel_set import MultiLabelSet, open_multilabel, prepare_multilabel
+from vlmdistill.data.multilabel_set import MultiLabelSet, open_multilabel
 from vlmdistill.data.scenes import SceneLayout, read_scene
 from vlmdistill.data.views import Views, render
-from vlmdistill.demo.clutter import ClutterParams, clutter_classes, generate_clutter
 from vlmdistill.io import read_json
 from vlmdistill.losses import LossInputs, Objective
 from vlmdistill.mlapi import MultiLabelDistilled, export_multilabel
@@ -28,17 +27,6 @@ from vlmdistill.report import comparison_rows
 from vlmdistill.runfolder import RunFolder
 from vlmdistill.teachers import load_teacher
 from vlmdistill.train import distill
-
-PARAMS = ClutterParams(image_size=32, seed=0)
-
-
-@pytest.fixture(scope="module")
-def clutter_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("clutter")
-    files = generate_clutter(root / "h5", PARAMS, {"train": 16, "val_on_train": 6, "val": 8})
-    ids = [c.name for c in clutter_classes(PARAMS) if c.is_id]
-    prepare_multilabel(root / "ds", h5=[(split, path) for split, path in files.items()], id_objects=ids)
-    return root / "ds"
 
 
 @pytest.fixture
